@@ -1,0 +1,24 @@
+"""mlx-loreft: Representation Finetuning (LoReFT and the ReFT family) for mlx-lm models."""
+
+__version__ = "0.1.0"
+
+from .adapter import load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from .config import ConfigError, ReftConfig, TrainConfig  # noqa: E402
+from .interventions import INTERVENTION_CLASSES, orthonormalize  # noqa: E402
+from .model import Reft, attach  # noqa: E402
+from .positions import Locations, prompt_locations  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "INTERVENTION_CLASSES",
+    "Locations",
+    "Reft",
+    "ReftConfig",
+    "TrainConfig",
+    "attach",
+    "load_adapter",
+    "orthonormalize",
+    "prompt_locations",
+    "read_adapter_config",
+    "save_adapter",
+]

@@ -1,0 +1,205 @@
+"""Configuration: ReftConfig (what to attach) and TrainConfig (how to train), parsed and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+INTERVENTIONS = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft")
+ACTIVATIONS = ("linear", "relu", "gelu", "gelu_approx", "silu", "tanh", "sigmoid")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TRUNCATION = ("left", "drop")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field = field_name
+        self.value = value
+        super().__init__(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def parse_positions(spec: str) -> tuple[int, int]:
+    """'f7+l7' -> (7, 7); 'f1' -> (1, 0); 'l3' -> (0, 3)."""
+    allowed = "expected 'fN', 'lN' or 'fN+lM' with N, M >= 1 (e.g. 'f7+l7', 'l1')"
+    if not isinstance(spec, str):
+        raise ConfigError("positions", spec, allowed)
+    m = re.fullmatch(r"\s*(?:f(\d+))?\s*\+?\s*(?:l(\d+))?\s*", spec.lower())
+    if not m or not spec.strip() or (m.group(1) is None and m.group(2) is None):
+        raise ConfigError("positions", spec, allowed)
+    if m.group(1) and m.group(2) and "+" not in spec:
+        raise ConfigError("positions", spec, allowed)
+    first, last = int(m.group(1) or 0), int(m.group(2) or 0)
+    if (m.group(1) and first < 1) or (m.group(2) and last < 1):
+        raise ConfigError("positions", spec, allowed)
+    return first, last
+
+
+def parse_layers(spec: Any, num_layers: int | None = None) -> list[int] | None:
+    """'all', '3;9;18', '0-11', '2,4' or a list -> sorted unique layer indices (None for 'all' without a model)."""
+    allowed = "expected 'all', indices like '3;9;18;24', ranges like '0-11', or a list of ints"
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return None if num_layers is None else list(range(num_layers))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
+    layers: list[int] = []
+    if isinstance(spec, str):
+        parts = [p.strip() for p in re.split(r"[;,\s]+", spec.strip()) if p.strip()]
+        if not parts:
+            raise ConfigError("layers", spec, allowed)
+        for part in parts:
+            m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+            if not m:
+                raise ConfigError("layers", spec, allowed)
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if m.group(2) is not None and hi < lo:
+                raise ConfigError("layers", spec, f"range {part!r} ends before it starts")
+            layers.extend(range(lo, hi + 1))
+    elif isinstance(spec, (list, tuple)) and spec:
+        for x in spec:
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ConfigError("layers", spec, allowed)
+            layers.append(x)
+    else:
+        raise ConfigError("layers", spec, allowed)
+    if num_layers is not None:
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError("layers", spec, f"layer {bad[0]} is out of range; the model has layers 0..{num_layers - 1}")
+    elif any(i < 0 for i in layers):
+        raise ConfigError("layers", spec, "layer indices must be >= 0")
+    return sorted(set(layers))
+
+
+@dataclass
+class ReftConfig:
+    """Which interventions to attach, where, and of what shape."""
+
+    layers: Any = "all"
+    rank: int = 4
+    positions: str = "f7+l7"
+    intervention: str = "loreft"
+    share_weights: bool = False
+    dropout: float = 0.0
+    act_fn: str = "linear"
+    seed: int = 0
+
+    def validate(self, hidden_size: int | None = None, num_layers: int | None = None) -> "ReftConfig":
+        """Check every field (against the model's shape when given); raise ConfigError on the first bad one."""
+        if self.intervention not in INTERVENTIONS:
+            raise ConfigError("intervention", self.intervention, f"choose one of {', '.join(INTERVENTIONS)}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError("rank", self.rank, "must be an integer >= 1")
+        if hidden_size is not None and self.rank >= hidden_size:
+            raise ConfigError("rank", self.rank, f"must be smaller than the model's hidden size {hidden_size}")
+        parse_positions(self.positions)
+        parse_layers(self.layers, num_layers)
+        if not isinstance(self.share_weights, bool):
+            raise ConfigError("share_weights", self.share_weights, "must be true or false")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", self.dropout, "must be a number in [0, 1)")
+        if self.act_fn not in ACTIVATIONS:
+            raise ConfigError("act_fn", self.act_fn, f"choose one of {', '.join(ACTIVATIONS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError("seed", self.seed, "must be an integer")
+        return self
+
+    @property
+    def first_last(self) -> tuple[int, int]:
+        """The (first_n, last_n) prompt positions."""
+        return parse_positions(self.positions)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReftConfig":
+        """Build from a dict; unknown keys are an error."""
+        return cls(**_known_fields(cls, d, "ReftConfig"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReftConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimizer, schedule, batching, evaluation, checkpoints."""
+
+    learning_rate: float = 4e-3
+    lr_schedule: str = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accumulation_steps: int = 1
+    epochs: int = 1
+    iters: int = 0  # > 0 overrides epochs
+    max_seq_length: int = 512
+    truncation: str = "left"  # "left": cut the prompt's start; "drop": skip the row
+    grad_clip: float = 0.0  # 0: no clipping
+    steps_per_report: int = 10
+    steps_per_eval: int = 50  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    max_eval_batches: int = 0  # 0: the whole validation split
+    seed: int = 0
+    dtype: str = "auto"
+    valid_fraction: float = 0.2
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ConfigError on the first bad one."""
+        def number(name, lo, hi=None, integer=False, lo_open=False):
+            v = getattr(self, name)
+            ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok_type or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+                rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+                raise ConfigError(name, v, f"must be {'an integer' if integer else 'a number'} {rng}")
+
+        number("learning_rate", 0, lo_open=True)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr_schedule", self.lr_schedule, f"choose one of {', '.join(LR_SCHEDULES)}")
+        number("warmup_ratio", 0, 1)
+        number("weight_decay", 0)
+        number("batch_size", 1, integer=True)
+        number("grad_accumulation_steps", 1, integer=True)
+        number("epochs", 0, integer=True)
+        number("iters", 0, integer=True)
+        if self.epochs == 0 and self.iters == 0:
+            raise ConfigError("epochs", self.epochs, "set epochs >= 1 or iters >= 1")
+        number("max_seq_length", 2, integer=True)
+        if self.truncation not in TRUNCATION:
+            raise ConfigError("truncation", self.truncation, f"choose one of {', '.join(TRUNCATION)}")
+        number("grad_clip", 0)
+        number("steps_per_report", 1, integer=True)
+        number("steps_per_eval", 0, integer=True)
+        number("save_every", 0, integer=True)
+        number("max_eval_batches", 0, integer=True)
+        number("seed", 0, integer=True)
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
+        number("valid_fraction", 0, 0.9)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**_known_fields(cls, d, "TrainConfig"))
+
+
+def _known_fields(cls, d: dict, what: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(unknown[0], d[unknown[0]], f"unknown {what} field; known fields: {', '.join(sorted(names))}")
+    return dict(d)

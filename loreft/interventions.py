@@ -1,0 +1,192 @@
+"""The six ReFT interventions (pyreft's formulas and parameter layout) and the orthonormal R."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ACT_FNS = {
+    "linear": lambda x: x,
+    "relu": nn.relu,
+    "gelu": nn.gelu,  # exact erf form, as transformers' "gelu"
+    "gelu_approx": nn.gelu_approx,  # tanh form, transformers' "gelu_new"
+    "silu": nn.silu,
+    "tanh": mx.tanh,
+    "sigmoid": mx.sigmoid,
+}
+
+
+def orthonormalize(a: mx.array) -> mx.array:
+    """Orthonormal columns spanning a (d, r) matrix's columns: classical Gram-Schmidt run twice.
+
+    Differentiable (plain ops, no QR), r sequential steps of O(d r) work; exact to float32 rounding,
+    and the identity on a matrix whose columns are already orthonormal.
+    """
+    a = a.astype(mx.float32)
+    cols: list[mx.array] = []
+    for j in range(a.shape[1]):
+        v = a[:, j]
+        if cols:
+            q = mx.stack(cols, axis=1)
+            v = v - q @ (q.T @ v)
+            v = v - q @ (q.T @ v)  # second pass: "twice is enough" for float32 orthogonality
+        cols.append(v / mx.sqrt(mx.sum(v * v)))
+    return mx.stack(cols, axis=1)
+
+
+def _uniform(key: mx.array, shape: tuple[int, ...], bound: float) -> mx.array:
+    return mx.random.uniform(-bound, bound, shape, key=key)
+
+
+def _random_orthonormal(key: mx.array, d: int, r: int) -> mx.array:
+    return orthonormalize(mx.random.normal((d, r), key=key))
+
+
+class Intervention(nn.Module):
+    """Base: edit float32 copies of hidden states h (..., d), apply dropout to h + edit, cast back."""
+
+    has_rotation = False  # True where a parameter is kept orthonormal
+
+    def __init__(self, d: int, r: int, act_fn: str = "linear", dropout: float = 0.0):
+        super().__init__()
+        self.d, self.r, self.act_name = d, r, act_fn
+        self.act = ACT_FNS[act_fn]
+        self.dropout = nn.Dropout(dropout)
+
+    def edit(self, h: mx.array) -> mx.array:  # float32 in, float32 delta out
+        raise NotImplementedError
+
+    def __call__(self, h: mx.array) -> mx.array:
+        h32 = h.astype(mx.float32)
+        return self.dropout(h32 + self.edit(h32)).astype(h.dtype)
+
+    def rotation_matrix(self) -> mx.array:
+        """The effective orthonormal R, stored (d, r) as pyreft does."""
+        return orthonormalize(self.rotation)
+
+
+class LoreftIntervention(Intervention):
+    """h + R^T (act(W h + b) - R h), R orthonormal."""
+
+    has_rotation = True
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2, k3 = mx.random.split(key if key is not None else mx.random.key(0), 3)
+        self.rotation = _random_orthonormal(k1, d, r)
+        self.weight = _uniform(k2, (r, d), 1 / math.sqrt(d))
+        self.bias = _uniform(k3, (r,), 1 / math.sqrt(d))
+
+    def edit(self, h):
+        R = self.rotation_matrix()
+        return (self.act(h @ self.weight.T + self.bias) - h @ R) @ R.T
+
+
+class NoreftIntervention(Intervention):
+    """h + W2^T (act(W1 h + b) - (W2 h + b2)), no orthogonality."""
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2, k3, k4 = mx.random.split(key if key is not None else mx.random.key(0), 4)
+        bound = 1 / math.sqrt(d)
+        self.proj_weight = _uniform(k1, (r, d), bound)
+        self.proj_bias = _uniform(k2, (r,), bound)
+        self.weight = _uniform(k3, (r, d), bound)
+        self.bias = _uniform(k4, (r,), bound)
+
+    def edit(self, h):
+        proj = h @ self.proj_weight.T + self.proj_bias
+        return (self.act(h @ self.weight.T + self.bias) - proj) @ self.proj_weight
+
+
+class DireftIntervention(Intervention):
+    """h + R^T act(W h + b), R orthonormal."""
+
+    has_rotation = True
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2, k3 = mx.random.split(key if key is not None else mx.random.key(0), 3)
+        self.rotation = _random_orthonormal(k1, d, r)
+        self.weight = _uniform(k2, (r, d), 1 / math.sqrt(d))
+        self.bias = _uniform(k3, (r,), 1 / math.sqrt(d))
+
+    def edit(self, h):
+        return self.act(h @ self.weight.T + self.bias) @ self.rotation_matrix().T
+
+
+class NodireftIntervention(Intervention):
+    """h + W2^T act(W1 h + b); pyreft's W2 layer also carries a bias that the formula never uses (kept for parity)."""
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2, k3, k4 = mx.random.split(key if key is not None else mx.random.key(0), 4)
+        bound = 1 / math.sqrt(d)
+        self.proj_weight = _uniform(k1, (r, d), bound)
+        self.proj_bias = _uniform(k2, (r,), bound)
+        self.weight = _uniform(k3, (r, d), bound)
+        self.bias = _uniform(k4, (r,), bound)
+
+    def edit(self, h):
+        return self.act(h @ self.weight.T + self.bias) @ self.proj_weight
+
+
+class ConsreftIntervention(Intervention):
+    """h + R^T (b - R h), R orthonormal: pins the subspace coordinates to a learned constant."""
+
+    has_rotation = True
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2 = mx.random.split(key if key is not None else mx.random.key(0), 2)
+        self.rotation = _random_orthonormal(k1, d, r)
+        self.bias = mx.random.uniform(0, 1, (r,), key=k2)  # pyreft: torch.rand
+
+    def edit(self, h):
+        R = self.rotation_matrix()
+        return (self.bias - h @ R) @ R.T
+
+    def __call__(self, h):  # pyreft's ConsReFT has no dropout
+        return (h.astype(mx.float32) + self.edit(h.astype(mx.float32))).astype(h.dtype)
+
+
+class LobireftIntervention(Intervention):
+    """h + R^T b, R orthonormal: a learned bias inside a low-rank subspace."""
+
+    has_rotation = True
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2 = mx.random.split(key if key is not None else mx.random.key(0), 2)
+        self.rotation = _random_orthonormal(k1, d, r)
+        self.bias = mx.random.uniform(0, 1, (r,), key=k2)
+
+    def edit(self, h):
+        return mx.broadcast_to(self.bias @ self.rotation_matrix().T, h.shape)
+
+
+INTERVENTION_CLASSES = {
+    "loreft": LoreftIntervention,
+    "noreft": NoreftIntervention,
+    "direft": DireftIntervention,
+    "nodireft": NodireftIntervention,
+    "consreft": ConsreftIntervention,
+    "lobireft": LobireftIntervention,
+}
+
+# pyreft's class names, recorded in adapters so a reader knows which formula a file holds.
+PYREFT_NAMES = {
+    "loreft": "LoreftIntervention",
+    "noreft": "NoreftIntervention",
+    "direft": "DireftIntervention",
+    "nodireft": "NodireftIntervention",
+    "consreft": "ConsreftIntervention",
+    "lobireft": "LobireftIntervention",
+}
+
+
+def make_intervention(kind: str, d: int, r: int, act_fn: str, dropout: float, key: mx.array) -> Intervention:
+    """Build one intervention of the named kind."""
+    return INTERVENTION_CLASSES[kind](d, r, act_fn=act_fn, dropout=dropout, key=key)

@@ -1,0 +1,193 @@
+"""Attach ReFT interventions to an mlx-lm causal LM by wrapping its transformer blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ReftConfig, parse_layers
+from .interventions import Intervention, make_intervention
+from .positions import Locations, group_names, prompt_locations
+
+
+class _Context:
+    """Per-call state shared by every wrapped block; a plain object, so never a model parameter."""
+
+    def __init__(self):
+        self.locations: Locations | None = None
+
+
+def _cache_offset(args: tuple, kwargs: dict) -> int | mx.array:
+    """Absolute position of this call's first token: the KV cache's offset (0 without a cache)."""
+    cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+    return getattr(cache, "offset", 0) if cache is not None else 0
+
+
+class ReftBlock(nn.Module):
+    """A transformer block whose output gets the layer's interventions at the current locations."""
+
+    def __init__(self, block: nn.Module, interventions: dict[str, Intervention], context: _Context):
+        super().__init__()
+        self.block = block
+        self.interventions = interventions
+        self._context = context
+
+    def __getattr__(self, key):
+        # Models read flags from their blocks (e.g. layer.use_sliding): pass unknown names through.
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            block = dict.get(self, "block")
+            if block is None:
+                raise
+            return getattr(block, key)
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
+        offset = _cache_offset(args, kwargs)
+        h = self.block(x, *args, **kwargs)
+        locations = self._context.locations
+        if locations is None:
+            return h
+        return apply_interventions(h, self.interventions, locations, offset)
+
+
+def apply_interventions(h: mx.array, interventions: dict, locations: Locations, offset=0) -> mx.array:
+    """Edit h (B, L, d) at each group's positions (absolute, shifted by the cache offset)."""
+    B, L, _ = h.shape
+    rows = mx.arange(B)[:, None]
+    for name, intervention in interventions.items():
+        idx, valid = locations.groups[name]
+        local = idx - offset
+        valid = valid * ((local >= 0) & (local < L))
+        local = mx.clip(local, 0, L - 1)
+        picked = mx.take_along_axis(h, local[..., None], axis=1)  # (B, n, d): only the edited slots
+        delta = (intervention(picked).astype(mx.float32) - picked.astype(mx.float32)) * valid[..., None]
+        h = h.at[rows, local].add(delta.astype(h.dtype))
+    return h
+
+
+def model_dims(model: nn.Module) -> tuple[int, int]:
+    """(hidden_size, number of transformer blocks) of an mlx-lm model."""
+    num_layers = len(model.layers)
+    args = getattr(model, "args", None)
+    hidden = getattr(args, "hidden_size", None)
+    if hidden is None and args is not None:
+        text = getattr(args, "text_config", None)
+        hidden = text.get("hidden_size") if isinstance(text, dict) else getattr(text, "hidden_size", None)
+    if hidden is None:
+        for _, m in model.named_modules():
+            if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)):
+                hidden = m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedEmbedding) else 1)
+                break
+    if hidden is None:
+        raise ValueError("cannot find the model's hidden size (no args.hidden_size and no embedding)")
+    return int(hidden), num_layers
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of weights, counting a quantized matrix by its unpacked size."""
+    total = sum(v.size for _, v in tree_flatten(module.parameters()))
+    for _, m in module.named_modules():
+        bits = getattr(m, "bits", None)
+        if bits and "scales" in m:  # packed uint32 weight plus scales / biases: count what it stands for
+            extra = m.scales.size + (m.biases.size if m.get("biases") is not None else 0)
+            total += m.weight.size * 32 // bits - m.weight.size - extra
+    return total
+
+
+@dataclass
+class ParameterStats:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"Trainable parameters: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)"
+
+
+class Reft:
+    """Handle on a model with interventions attached: locations, parameters, statistics."""
+
+    def __init__(self, model: nn.Module, config: ReftConfig, layers: list[int], context: _Context):
+        self.model, self.config, self.layers, self._context = model, config, layers, context
+        first_n, last_n = config.first_last
+        self.first_n, self.last_n = first_n, last_n
+        self.groups = group_names(first_n, last_n, config.share_weights)
+        self.hidden_size, self.num_layers = model_dims(model)
+
+    @property
+    def blocks(self) -> dict[int, ReftBlock]:
+        return {i: self.model.layers[i] for i in self.layers}
+
+    def interventions(self) -> dict[str, Intervention]:
+        """Every intervention by key 'layers.<i>.<group>'."""
+        return {f"layers.{i}.{g}": b.interventions[g] for i, b in self.blocks.items() for g in self.groups}
+
+    def locations(self, prompt_lengths, offsets=None) -> Locations:
+        """Locations for a batch of prompts of these lengths (offsets: left padding per row)."""
+        return prompt_locations(prompt_lengths, self.first_n, self.last_n, self.config.share_weights, offsets)
+
+    def set_locations(self, locations: Locations | None) -> None:
+        """Edit at these locations on the next calls; None turns the edit off (plain base model)."""
+        self._context.locations = locations
+
+    def parameters(self) -> dict[str, mx.array]:
+        """Flat dict of every intervention parameter, e.g. 'layers.3.first.weight'."""
+        return {f"{k}.{p}": v for k, iv in self.interventions().items() for p, v in tree_flatten(iv.parameters())}
+
+    def load_parameters(self, weights: dict[str, mx.array]) -> None:
+        """Set intervention parameters from a flat dict; names and shapes must match exactly."""
+        own = self.parameters()
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        if missing or extra:
+            raise ValueError(f"adapter weights do not match the interventions: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, v in weights.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"adapter weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        for key, iv in self.interventions().items():
+            prefix = key + "."
+            iv.load_weights([(k[len(prefix):], v.astype(mx.float32)) for k, v in weights.items() if k.startswith(prefix)])
+        mx.eval(self.model.trainable_parameters())
+
+    def stats(self) -> ParameterStats:
+        """Exact trainable-parameter count and its share of the base model."""
+        trainable = sum(v.size for v in self.parameters().values())
+        return ParameterStats(trainable, count_parameters(self.model) - trainable)
+
+    def max_orthogonality_error(self) -> float:
+        """max |R^T R - I| over every orthonormal R (0.0 when none has one)."""
+        err = 0.0
+        for iv in self.interventions().values():
+            if iv.has_rotation:
+                R = iv.rotation_matrix()
+                err = max(err, mx.abs(R.T @ R - mx.eye(R.shape[1])).max().item())
+        return err
+
+
+def attach(model: nn.Module, config: ReftConfig) -> Reft:
+    """Freeze the model and wrap the configured blocks with fresh interventions; returns the handle."""
+    hidden, num_layers = model_dims(model)
+    config.validate(hidden_size=hidden, num_layers=num_layers)
+    if any(isinstance(b, ReftBlock) for b in model.layers):
+        raise ValueError("this model already has interventions attached; load a fresh model")
+    layers = parse_layers(config.layers, num_layers)
+    first_n, last_n = config.first_last
+    groups = group_names(first_n, last_n, config.share_weights)
+    model.freeze()
+    context = _Context()
+    keys = mx.random.split(mx.random.key(config.seed), len(layers) * len(groups))
+    blocks = model.layers  # the model's own list: assigning into it replaces the block in place
+    for li, layer in enumerate(layers):
+        ivs = {
+            g: make_intervention(config.intervention, hidden, config.rank, config.act_fn, config.dropout, keys[li * len(groups) + gi])
+            for gi, g in enumerate(groups)
+        }
+        blocks[layer] = ReftBlock(blocks[layer], ivs, context)
+    mx.eval(model.trainable_parameters())
+    return Reft(model, config, layers, context)
