@@ -49,8 +49,8 @@ class ReftBlock(nn.Module):
         offset = _cache_offset(args, kwargs)
         h = self.block(x, *args, **kwargs)
         locations = self._context.locations
-        if locations is None:
-            return h
+        if locations is None or (isinstance(offset, int) and offset >= locations.end):
+            return h  # no edit here: decode steps after the prompt cost nothing extra
         return apply_interventions(h, self.interventions, locations, offset)
 
 

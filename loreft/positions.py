@@ -13,6 +13,7 @@ class Locations:
     """Per-group position indices (B, n) and validity (B, n) for one batch; invalid slots are never edited."""
 
     groups: dict[str, tuple[mx.array, mx.array]]
+    end: int = 1 << 30  # one past the last edited position (host int): later calls skip the edit
 
     def as_arrays(self) -> list[mx.array]:
         """Flat list of arrays, in group order (compiled functions take arrays, not dataclasses)."""
@@ -20,6 +21,7 @@ class Locations:
 
     @classmethod
     def from_arrays(cls, names: list[str], arrays: list[mx.array]) -> "Locations":
+        """Inverse of as_arrays (inside a compiled step, where only arrays cross the boundary)."""
         return cls({n: (arrays[2 * i], arrays[2 * i + 1]) for i, n in enumerate(names)})
 
 
@@ -73,7 +75,8 @@ def prompt_locations(
         else:
             idx, ok = last_idx, last_ok
         groups[name] = (mx.array(idx), mx.array(ok))
-    return Locations(groups)
+    end = int(max(offs + lengths)) if B else 0
+    return Locations(groups, end)
 
 
 def dense_mask(locations: Locations, seq_len: int) -> np.ndarray:
