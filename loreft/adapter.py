@@ -48,13 +48,19 @@ def adapter_metadata(reft: Reft, base_model: str | None = None, extra: dict | No
     return meta
 
 
-def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a fresh sibling folder, then swap it in for path: readers never see half a folder."""
+def atomic_folder(path: str | Path, write: Callable[[Path], None], keep: tuple[str, ...] = ()) -> Path:
+    """Run write(tmp) on a fresh sibling folder, then swap it in for path: readers never see half a folder.
+
+    Entries named in keep (e.g. a checkpoints folder) move from the old folder into the new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        for name in keep:
+            if (path / name).exists() and not (tmp / name).exists():
+                os.replace(path / name, tmp / name)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
@@ -75,6 +81,7 @@ def save_adapter(
     base_model: str | None = None,
     extra: dict | None = None,
     write_extras: Callable[[Path], None] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> Path:
     """Write the adapter folder atomically; write_extras(tmp_folder) may add files (metrics, plots)."""
     weights = {k: v.astype(mx.float32) for k, v in reft.parameters().items()}
@@ -87,7 +94,7 @@ def save_adapter(
         if write_extras is not None:
             write_extras(folder)
 
-    return atomic_folder(path, write)
+    return atomic_folder(path, write, keep)
 
 
 def read_adapter_config(path: str | Path) -> dict:

@@ -1,0 +1,103 @@
+"""Training callbacks and the files written beside each adapter (metrics.jsonl, loss.png)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+class Callback:
+    """Hooks the trainer calls; every method is optional."""
+
+    def on_train_start(self, info: dict) -> None:
+        """info: total_steps, trainable, total_parameters, percent, config dicts."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """After every optimizer step (cheap: no device sync)."""
+
+    def on_report(self, metrics: dict) -> None:
+        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec, trained_tokens, peak_memory_gb, eta_s, progress."""
+
+    def on_eval(self, metrics: dict) -> None:
+        """After each evaluation: step, split, loss, perplexity."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After a checkpoint folder is complete."""
+
+    def should_stop(self) -> bool:
+        """True asks the trainer to stop at the next step boundary (the adapter is saved)."""
+        return False
+
+    def on_end(self, summary: dict) -> None:
+        """Once, after the final adapter is saved (or training failed: summary['error'])."""
+
+
+class ProgressBar(Callback):
+    """A tqdm bar with loss, tokens/s and ETA, plus one line per evaluation."""
+
+    def __init__(self, file=None):
+        self.file = file or sys.stderr
+        self.bar = None
+
+    def on_train_start(self, info):
+        from tqdm import tqdm
+
+        print(
+            f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} "
+            f"({info['percent']:.4f}%)",
+            file=self.file,
+        )
+        self.bar = tqdm(total=info["total_steps"], desc="train", unit="step", file=self.file, dynamic_ncols=True)
+
+    def on_step(self, step, total_steps):
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def on_report(self, m):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}", lr=f"{m['learning_rate']:.2e}")
+
+    def on_eval(self, m):
+        line = f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}"
+        (self.bar.write(line, file=self.file) if self.bar is not None else print(line, file=self.file))
+
+    def on_checkpoint(self, step, path):
+        if self.bar is not None:
+            self.bar.write(f"step {step}: checkpoint saved to {path}", file=self.file)
+
+    def on_end(self, summary):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    """One JSON object per line: train reports and evaluations, in order."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def plot_loss(history: list[dict], path: Path, title: str = "LoReFT training") -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if r.get("kind") == "train" and math.isfinite(r["loss"])]
+    valid = [(r["step"], r["loss"]) for r in history if r.get("kind") == "eval" and r.get("split") == "valid"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", color="tab:blue")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or valid:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,345 @@
+"""The training loop: a compiled step, schedules, evaluation, checkpoints with exact resume, callbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from .adapter import WEIGHTS_FILE, save_adapter
+from .config import TrainConfig
+from .data import Batch, Example, check_enough, iterate_batches
+from .model import Reft
+from .positions import Locations
+from .reporting import Callback, plot_loss, write_metrics
+
+PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct shapes
+CHECKPOINTS = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+def resolve_dtype(name: str) -> mx.Dtype:
+    """'auto' -> bfloat16 where the GPU computes it fast (Metal, CUDA), float32 on a CPU."""
+    if name == "auto":
+        return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    return getattr(mx, name)
+
+
+def completion_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """(sum of next-token cross-entropy over the masked targets, number of targets)."""
+    logits = model(tokens[:, :-1])
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:]) * mask
+    return ce.sum(), mask.sum()
+
+
+def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array]]:
+    """Device arrays for one batch: tokens, loss mask, and the intervention locations."""
+    locations = reft.locations(batch.prompt_lengths)
+    return mx.array(batch.tokens), mx.array(batch.loss_mask()), locations.as_arrays()
+
+
+def evaluate_loss(
+    reft: Reft, examples: Sequence[Example], batch_size: int, pad_id: int = 0, max_batches: int = 0
+) -> dict:
+    """Completion-token loss and perplexity of the model with its interventions (eval mode)."""
+    model = reft.model
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    try:
+        batches = iterate_batches(examples, batch_size, shuffle=False, pad_id=pad_id, pad_to=PAD_TO)
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            tokens, mask, locs = batch_arrays(reft, batch)
+            reft.set_locations(Locations.from_arrays(reft.groups, locs))
+            s, n = completion_loss(model, tokens, mask)
+            total, count = total + s, count + n
+            mx.async_eval(total, count)  # queue this batch while the next one is prepared
+    finally:
+        reft.set_locations(None)
+        model.train(was_training)
+    total, count = _sum_across_ranks(total), _sum_across_ranks(count)
+    loss = (total / mx.maximum(count, 1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count.item())}
+
+
+def _sum_across_ranks(x: mx.array) -> mx.array:
+    world = mx.distributed.init()
+    return mx.distributed.all_sum(x, stream=mx.cpu) if world.size() > 1 else x
+
+
+def make_optimizer(cfg: TrainConfig, total_updates: int) -> optim.Optimizer:
+    """Adam (AdamW when weight decay > 0) with warmup then constant / linear / cosine decay."""
+    warmup = min(int(math.ceil(cfg.warmup_ratio * total_updates)), max(total_updates - 1, 0))
+    rest = max(total_updates - warmup, 1)
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "constant":
+        main = lr
+    elif cfg.lr_schedule == "linear":
+        main = optim.linear_schedule(lr, 0.0, rest)
+    else:
+        main = optim.cosine_decay(lr, rest)
+    if warmup > 0:
+        after = main if callable(main) else (lambda _step, v=lr: v)
+        schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), after], [warmup])
+    else:
+        schedule = main
+    if cfg.weight_decay > 0:
+        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    return optim.Adam(learning_rate=schedule)
+
+
+def steps_per_epoch(examples: Sequence[Example], batch_size: int) -> int:
+    """Batches in one pass over the examples (the last one may be smaller)."""
+    return math.ceil(len(examples) / batch_size)
+
+
+def _batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: int) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) from step `start` to `total`: the same sequence whether resumed or not."""
+    per_epoch = steps_per_epoch(examples, cfg.batch_size)
+    world = mx.distributed.init()
+    step = start
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        batches = iterate_batches(
+            examples, cfg.batch_size, seed=cfg.seed, epoch=epoch, pad_id=pad_id, pad_to=PAD_TO,
+            rank=world.rank(), world_size=world.size(),
+        )
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
+            yield step, batch
+            step += 1
+            if step >= total:
+                return
+
+
+def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig):
+    model = reft.model
+
+    def loss(model, tokens, mask, locs):
+        reft.set_locations(Locations.from_arrays(reft.groups, locs))
+        try:
+            s, n = completion_loss(model, tokens, mask)
+        finally:
+            reft.set_locations(None)
+        return s / n, n
+
+    loss_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens, mask, locs, prev_grad, do_update):
+        (value, ntoks), grad = loss_and_grad(model, tokens, mask, locs)
+        if prev_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+        if do_update:
+            grad = average_gradients(grad)  # all-reduce across ranks; identity on one process
+            if cfg.grad_accumulation_steps > 1:
+                grad = tree_map(lambda g: g / cfg.grad_accumulation_steps, grad)
+            if cfg.grad_clip > 0:
+                grad, _ = optim.clip_grad_norm(grad, cfg.grad_clip)
+            optimizer.update(model, grad)
+            grad = None
+        return value, ntoks, grad
+
+    return step, state
+
+
+def save_checkpoint(reft: Reft, optimizer: optim.Optimizer, folder: Path, step: int, trainer_state: dict, **adapter_kw) -> Path:
+    """A complete adapter plus optimizer state and progress, written atomically."""
+    opt_state = dict(tree_flatten(optimizer.state))
+    mx.eval(opt_state)
+
+    def extras(tmp: Path) -> None:
+        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), opt_state)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}))
+
+    return save_adapter(reft, folder, write_extras=extras, **adapter_kw)
+
+
+def latest_checkpoint(adapter_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under adapter_dir/checkpoints, or None."""
+    folder = Path(adapter_dir) / CHECKPOINTS
+    done = sorted(p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(reft: Reft, optimizer: optim.Optimizer, folder: str | Path) -> dict:
+    """Restore intervention weights and optimizer state from a checkpoint; returns its trainer state."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a training checkpoint ({STATE_FILE} is missing)")
+    reft.load_parameters(mx.load(str(folder / WEIGHTS_FILE)))
+    saved = mx.load(str(folder / OPTIMIZER_FILE))
+    optimizer.init(reft.model.trainable_parameters())
+    missing = [k for k, _ in tree_flatten(optimizer.state) if k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {folder} does not match this run's optimizer (missing {missing[:3]})")
+    optimizer.state = tree_map_with_path(lambda path, _: saved[path], optimizer.state)
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def train(
+    reft: Reft,
+    train_set: Sequence[Example],
+    valid_set: Sequence[Example] | None,
+    cfg: TrainConfig,
+    adapter_dir: str | Path,
+    *,
+    callbacks: Iterable[Callback] = (),
+    test_set: Sequence[Example] | None = None,
+    pad_id: int = 0,
+    resume_from: str | Path | None = None,
+    base_model: str | None = None,
+    adapter_extra: dict | None = None,
+) -> dict:
+    """Train the interventions, save the adapter to adapter_dir, and return a summary."""
+    cfg.validate()
+    model, adapter_dir = reft.model, Path(adapter_dir)
+    world = mx.distributed.init()
+    is_main = world.rank() == 0
+    callbacks = list(callbacks) if is_main else []
+    check_enough(train_set, cfg.batch_size, "train")
+    if valid_set:
+        check_enough(valid_set, 1, "valid")
+
+    total_steps = cfg.iters or cfg.epochs * steps_per_epoch(train_set, cfg.batch_size)
+    accum = cfg.grad_accumulation_steps
+    optimizer = make_optimizer(cfg, math.ceil(total_steps / accum))
+    optimizer.init(model.trainable_parameters())
+    start, history, trained_tokens = 0, [], 0
+    if resume_from is not None:
+        saved = load_checkpoint(reft, optimizer, resume_from)
+        start, history, trained_tokens = saved["step"], saved["history"], saved["trained_tokens"]
+    step_fn, state = _make_step(reft, optimizer, cfg)
+    adapter_kw = {"base_model": base_model, "extra": adapter_extra}
+    stats = reft.stats()
+    args_record = {"train": cfg.to_dict(), "reft": reft.config.to_dict(), "base_model": base_model, "total_steps": total_steps}
+
+    def save_final(path: Path) -> Path:
+        def extras(tmp: Path) -> None:
+            (tmp / "training_args.json").write_text(json.dumps(args_record, indent=2))
+            write_metrics(history, tmp / "metrics.jsonl")
+            plot_loss(history, tmp / "loss.png")
+
+        return save_adapter(reft, path, write_extras=extras, keep=(CHECKPOINTS,), **adapter_kw) if is_main else path
+
+    def run_eval(step: int, split: str, examples) -> dict:
+        m = evaluate_loss(reft, examples, cfg.batch_size, pad_id, cfg.max_eval_batches if split == "valid" else 0)
+        row = {"kind": "eval", "split": split, "step": step, **m}
+        history.append(row)
+        for cb in callbacks:
+            cb.on_eval(row)
+        return row
+
+    for cb in callbacks:
+        cb.on_train_start({
+            "total_steps": total_steps, "start_step": start, "trainable": stats.trainable,
+            "total_parameters": stats.total, "percent": stats.percent, **args_record,
+        })
+
+    model.train()
+    grad_accum, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
+    window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0, "steps": 0}
+    train_time, steps_done = 0.0, 0
+    stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
+    pending = next(stream, None)
+    while pending is not None:
+        step, batch = pending
+        tic = time.perf_counter()
+        mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout keys depend on (seed, step) alone: resumable
+        tokens, mask, locs = batch_arrays(reft, batch)
+        do_update = (step + 1) % accum == 0 or step + 1 == total_steps
+        loss, ntoks, grad_accum = step_fn(tokens, mask, locs, grad_accum, do_update)
+        mx.async_eval(state, loss, ntoks, grad_accum)
+        pending = next(stream, None)  # prepare the next batch on the host while the device works
+        loss_value, ntoks_value = loss.item(), int(ntoks.item())
+        elapsed = time.perf_counter() - tic
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been saved yet"
+            raise NonFiniteLossError(
+                f"loss became {loss_value} at step {step + 1}; training stopped and {kept}. "
+                f"Try a lower learning_rate (now {cfg.learning_rate}) or grad_clip > 0."
+            )
+        n_real = int(batch.lengths.sum())
+        trained_tokens += n_real
+        train_time += elapsed
+        steps_done += 1
+        window["loss"] += loss_value * ntoks_value
+        window["targets"] += ntoks_value
+        window["tokens"] += n_real
+        window["time"] += elapsed
+        window["steps"] += 1
+        done = step + 1
+        for cb in callbacks:
+            cb.on_step(done, total_steps)
+
+        if done % cfg.steps_per_report == 0 or done == total_steps:
+            tot = _sum_across_ranks(mx.array([window["loss"], window["targets"], window["tokens"]]))
+            loss_sum, targets, tokens_sum = (float(v) for v in tot.tolist())
+            row = {
+                "kind": "train", "step": done, "epoch": step // steps_per_epoch(train_set, cfg.batch_size),
+                "loss": loss_sum / max(targets, 1),
+                "learning_rate": float(optimizer.learning_rate.item()),
+                "tokens_per_sec": tokens_sum / max(window["time"], 1e-9),
+                "trained_tokens": trained_tokens * world.size(),
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "eta_s": (total_steps - done) * train_time / steps_done,
+                "progress": done / total_steps,
+            }
+            history.append(row)
+            for cb in callbacks:
+                cb.on_report(row)
+            window = dict.fromkeys(window, 0)
+
+        if valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0 and done < total_steps:
+            run_eval(done, "valid", valid_set)
+        if cfg.save_every and done % cfg.save_every == 0 and grad_accum is None and done < total_steps:
+            folder = adapter_dir / CHECKPOINTS / f"step-{done:07d}"
+            if is_main:
+                save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens}, **adapter_kw)
+                last_checkpoint = folder
+            for cb in callbacks:
+                cb.on_checkpoint(done, folder)
+        if _any_rank(any(cb.should_stop() for cb in callbacks)):
+            stopped = True
+            break
+
+    final_step = history[-1]["step"] if history else start
+    final_step = max(final_step, start + steps_done)
+    valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set else None
+    path = save_final(adapter_dir)
+    test_metrics = run_eval(final_step, "test", test_set) if test_set else None
+    summary = {
+        "adapter": str(path), "steps": final_step, "total_steps": total_steps, "stopped": stopped,
+        "train_loss": next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None),
+        "valid": valid_metrics, "test": test_metrics, "trainable": stats.trainable,
+        "total_parameters": stats.total, "train_time_s": train_time,
+    }
+    for cb in callbacks:
+        cb.on_end(summary)
+    return summary
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when any rank asks to stop, so all ranks leave the loop together."""
+    world = mx.distributed.init()
+    if world.size() == 1:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), stream=mx.cpu).item() > 0
