@@ -41,10 +41,12 @@ def parse_positions(spec: str) -> tuple[int, int]:
 
 
 def parse_layers(spec: Any, num_layers: int | None = None) -> list[int] | None:
-    """'all', '3;9;18', '0-11', '2,4' or a list -> sorted unique layer indices (None for 'all' without a model)."""
-    allowed = "expected 'all', indices like '3;9;18;24', ranges like '0-11', or a list of ints"
-    if isinstance(spec, str) and spec.strip().lower() == "all":
-        return None if num_layers is None else list(range(num_layers))
+    """'all', 'middle', '3;9;18', '0-11', '2,4' or a list -> sorted unique layer indices (None: needs the model)."""
+    allowed = "expected 'all', 'middle', indices like '3;9;18;24', ranges like '0-11', or a list of ints"
+    if isinstance(spec, str) and spec.strip().lower() in ("all", "middle"):
+        if num_layers is None:
+            return None
+        return list(range(num_layers)) if spec.strip().lower() == "all" else [num_layers // 2]
     if isinstance(spec, int) and not isinstance(spec, bool):
         spec = [spec]
     layers: list[int] = []
@@ -203,3 +205,20 @@ def _known_fields(cls, d: dict, what: str) -> dict:
     if unknown:
         raise ConfigError(unknown[0], d[unknown[0]], f"unknown {what} field; known fields: {', '.join(sorted(names))}")
     return dict(d)
+
+
+# The paper's settings (LOREFT.md), offered by name in the CLI, the plugin form and the task.
+PRESETS: dict[str, dict[str, dict]] = {
+    "commonsense": {
+        "reft": {"layers": "all", "rank": 8, "positions": "f7+l7", "share_weights": True, "dropout": 0.0},
+        "train": {"learning_rate": 9e-4, "warmup_ratio": 0.1, "lr_schedule": "linear", "weight_decay": 0.0},
+    },
+    "instruct": {
+        "reft": {"layers": "3;9;18;24", "rank": 4, "positions": "f5+l5", "share_weights": False},
+        "train": {"learning_rate": 9e-4, "warmup_ratio": 0.1, "lr_schedule": "linear"},
+    },
+    "persona": {
+        "reft": {"layers": "middle", "rank": 4, "positions": "l1", "share_weights": False},
+        "train": {"learning_rate": 4e-3, "epochs": 100, "lr_schedule": "linear", "warmup_ratio": 0.0},
+    },
+}

@@ -58,6 +58,8 @@ def apply_interventions(h: mx.array, interventions: dict, locations: Locations, 
     """Edit h (B, L, d) at each group's positions (absolute, shifted by the cache offset)."""
     B, L, _ = h.shape
     rows = mx.arange(B)[:, None]
+    if isinstance(offset, mx.array) and offset.ndim == 1:
+        offset = offset[:, None]  # batched caches (mlx-lm BatchKVCache) keep one offset per row
     for name, intervention in interventions.items():
         idx, valid = locations.groups[name]
         local = idx - offset
@@ -170,6 +172,16 @@ class Reft:
         return err
 
 
+def _block_list(model: nn.Module) -> list:
+    """The list that really holds the blocks: model.layers may be a fresh slice (mlx-lm's PipelineMixin, e.g. qwen2)."""
+    layers = model.layers
+    for _, module in model.named_modules():
+        for value in module.values():
+            if isinstance(value, list) and len(value) == len(layers) and all(a is b for a, b in zip(value, layers)):
+                return value  # assigning into this list replaces the block in place
+    raise ValueError(f"cannot find the list holding {type(model).__name__}'s transformer blocks")
+
+
 def attach(model: nn.Module, config: ReftConfig) -> Reft:
     """Freeze the model and wrap the configured blocks with fresh interventions; returns the handle."""
     hidden, num_layers = model_dims(model)
@@ -179,15 +191,15 @@ def attach(model: nn.Module, config: ReftConfig) -> Reft:
     layers = parse_layers(config.layers, num_layers)
     first_n, last_n = config.first_last
     groups = group_names(first_n, last_n, config.share_weights)
+    blocks = _block_list(model)
     model.freeze()
     context = _Context()
     keys = mx.random.split(mx.random.key(config.seed), len(layers) * len(groups))
-    blocks = model.layers  # the model's own list: assigning into it replaces the block in place
     for li, layer in enumerate(layers):
         ivs = {
             g: make_intervention(config.intervention, hidden, config.rank, config.act_fn, config.dropout, keys[li * len(groups) + gi])
             for gi, g in enumerate(groups)
         }
-        blocks[layer] = ReftBlock(blocks[layer], ivs, context)
+        blocks[layer] = ReftBlock(blocks[layer], ivs, context).train(model.training)  # eval model: no dropout
     mx.eval(model.trainable_parameters())
     return Reft(model, config, layers, context)

@@ -1,0 +1,485 @@
+"""Data: load splits -> rows to (prompt, completion) -> token ids -> length-sorted, dynamically padded batches."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .config import TRUNCATION, ConfigError
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message says what was found and what is needed."""
+
+
+@dataclass
+class Example:
+    """One tokenized row."""
+
+    prompt: list[int]  # prompt token ids (after truncation)
+    completion: list[int]  # completion token ids, EOS appended
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+@dataclass
+class Batch:
+    """A right-padded batch; row b holds prompt then completion in tokens[b, :lengths[b]]."""
+
+    tokens: np.ndarray  # (B, L) int32
+    prompt_lengths: np.ndarray  # (B,) int32
+    lengths: np.ndarray  # (B,) int32
+
+    def loss_mask(self) -> np.ndarray:
+        """(B, L-1) float32: 1 where the next-token target tokens[:, t+1] is a completion token."""
+        target = np.arange(1, self.tokens.shape[1])[None, :]
+        inside = (target >= self.prompt_lengths[:, None]) & (target < self.lengths[:, None])
+        return inside.astype(np.float32)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.lengths - self.prompt_lengths).sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid", "test": "test"}
+
+
+def _load_file(path: Path):
+    import datasets
+
+    return datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+
+
+def _load_folder(folder: Path) -> dict:
+    import datasets
+
+    if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        loaded = datasets.load_from_disk(str(folder))  # written by save_to_disk
+        return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS)
+    found = {}
+    for p in files:
+        if p.stem.lower() in _SPLIT_NAMES:
+            name = _SPLIT_NAMES[p.stem.lower()]
+            if name in found:
+                raise DataError(f"{folder}: two files for split {name!r}: {found[name].name} and {p.name}")
+            found[name] = p
+    if not found and len(files) == 1:  # a lone data file is the training split
+        found = {"train": files[0]}
+    if not found:
+        listing = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise DataError(
+            f"{folder}: no data files found (it holds: {listing}); expected train.jsonl (or .json/.csv/.parquet), "
+            "optionally valid.* / validation.* and test.*, or a folder written by datasets.save_to_disk"
+        )
+    return {name: _load_file(p) for name, p in found.items()}
+
+
+def _load_source(source: Any) -> dict:
+    """Any supported source -> {split name as found: datasets.Dataset}."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict) or isinstance(source, dict):
+        return {k: (datasets.Dataset.from_list(v) if isinstance(v, list) else v) for k, v in source.items()}
+    if isinstance(source, datasets.Dataset):
+        return {"train": source}
+    if isinstance(source, list):
+        return {"train": datasets.Dataset.from_list(source)}
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        raise ConfigError("dataset", source, "expected a local file or folder, or a Hugging Face dataset id")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file():
+        if path.suffix.lower() not in _BUILDERS:
+            raise ConfigError("dataset", str(source), f"unsupported file type; use one of {', '.join(_BUILDERS)}")
+        return {"train": _load_file(path)}
+    if path.suffix.lower() in _BUILDERS or str(source).startswith((".", "/", "~")):
+        raise DataError(f"dataset file or folder not found: {source}")
+    try:
+        loaded = datasets.load_dataset(str(source))
+    except Exception as e:  # offline, unknown id, ...: say what was tried
+        raise DataError(f"could not load {source!r} as a Hugging Face dataset id (it is no local path): {e}") from e
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def load_splits(
+    source: Any, *, valid_fraction: float = 0.2, seed: int = 0, splits: Iterable[str] = ("train", "valid", "test")
+) -> dict:
+    """Load 'train' / 'valid' / 'test' datasets.Dataset splits; with no validation split, a seeded share of train."""
+    splits = tuple(splits)
+    bad = [s for s in splits if s not in ("train", "valid", "test")]
+    if bad:
+        raise ConfigError("splits", splits, "choose from 'train', 'valid', 'test'")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ConfigError("valid_fraction", valid_fraction, "must be a number in [0, 1)")
+    raw = _load_source(source)
+    out = {}
+    for name, ds in raw.items():
+        key = _SPLIT_NAMES.get(str(name).lower())
+        if key and key not in out:
+            out[key] = ds
+    if "valid" in splits and "valid" not in out and "train" in out and valid_fraction > 0:
+        n = len(out["train"])
+        if n < 2:
+            raise DataError(f"cannot split a validation set off a training split of {n} row(s); add rows or a valid split")
+        parts = out["train"].train_test_split(test_size=valid_fraction, seed=seed, shuffle=True)
+        out["train"], out["valid"] = parts["train"], parts["test"]
+    if "train" in splits and "train" not in out:
+        raise DataError(f"{source}: no training split; found splits: {', '.join(map(str, raw)) or 'none'}")
+    return {k: out[k] for k in ("train", "valid", "test") if k in splits and k in out}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formatting rows
+
+# Used when a dataset has instruction / output (and optionally input) columns and nothing else is said.
+ALPACA_PROMPT_TEMPLATE = (
+    "### Instruction:\n{{ instruction }}\n\n{% if input %}### Input:\n{{ input }}\n\n{% endif %}### Response:\n"
+)
+ALPACA_COMPLETION_TEMPLATE = "{{ output }}"
+
+
+def _jinja_env():
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # keep_trailing_newline: a prompt ending in "Response:\n" must keep its newline
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+class Formatter:
+    """Turns a row into (prompt, completion) text: jinja2 templates, a chat column, or plain columns."""
+
+    def __init__(
+        self,
+        tokenizer=None,
+        prompt_template: str | None = None,
+        completion_template: str | None = None,
+        chat_column: str | None = None,
+        prompt_column: str = "prompt",
+        completion_column: str = "completion",
+    ):
+        self.tokenizer = tokenizer
+        self.prompt_template = prompt_template or None
+        self.completion_template = completion_template or None
+        self.chat_column = chat_column or None
+        self.prompt_column = prompt_column
+        self.completion_column = completion_column
+        self.mode: str | None = None  # 'chat' | 'template' | 'plain', set by check()
+        self._env = _jinja_env()
+        self._compiled: dict[str, Any] = {}
+        for side in ("prompt", "completion"):
+            self._compile(side, getattr(self, f"{side}_template"))
+
+    def _compile(self, side: str, source: str | None) -> None:
+        from jinja2 import TemplateSyntaxError
+
+        if source is None:
+            self._compiled.pop(side, None)
+            return
+        try:
+            self._compiled[side] = (source, self._env.from_string(source))
+        except TemplateSyntaxError as e:
+            raise ConfigError(f"{side}_template", source, f"not a valid jinja2 template ({e})") from e
+
+    def check(self, columns: list[str]) -> None:
+        """Settle the mode for a dataset with these columns; raise DataError now for anything a row would lack."""
+        from jinja2 import meta
+
+        columns = list(columns)
+        present = f"the dataset's columns are: {', '.join(columns) or 'none'}"
+        defaults = self.prompt_column == "prompt" and self.completion_column == "completion"
+        if self.chat_column:
+            self.mode = "chat"
+        elif self.prompt_template or self.completion_template:
+            self.mode = "template"
+        elif not defaults:
+            self.mode = "plain"
+        elif "messages" in columns:
+            self.mode, self.chat_column = "chat", "messages"
+        elif "prompt" in columns and "completion" in columns:
+            self.mode = "plain"
+        elif "instruction" in columns and "output" in columns:
+            self.mode = "template"
+            self.prompt_template, self.completion_template = ALPACA_PROMPT_TEMPLATE, ALPACA_COMPLETION_TEMPLATE
+            self._compile("prompt", ALPACA_PROMPT_TEMPLATE)
+            self._compile("completion", ALPACA_COMPLETION_TEMPLATE)
+        else:
+            raise DataError(
+                f"cannot tell how to split rows into prompt and completion: {present}. Need one of: a 'messages' "
+                "column (chat), 'prompt' and 'completion' columns, 'instruction' and 'output' columns, or set "
+                "prompt_template / completion_template (jinja2 over the columns), chat_column, or "
+                "prompt_column / completion_column"
+            )
+        if self.mode == "chat":
+            if self.chat_column not in columns:
+                raise DataError(f"chat_column {self.chat_column!r} is not a column; {present}")
+            # before the model loads there is no tokenizer yet: checked again once it is set
+            if self.tokenizer is not None and not getattr(self.tokenizer, "chat_template", None):
+                raise DataError(f"chat column {self.chat_column!r} needs a tokenizer with a chat template")
+            return
+        for side in ("prompt", "completion"):
+            if side in self._compiled:
+                source, _ = self._compiled[side]
+                missing = sorted(meta.find_undeclared_variables(self._env.parse(source)) - set(columns))
+                if missing:
+                    raise DataError(
+                        f"{side}_template uses {', '.join(missing)}, which the dataset lacks; {present}"
+                    )
+            else:
+                col = getattr(self, f"{side}_column")
+                if col not in columns:
+                    raise DataError(
+                        f"{side}_column {col!r} is not a column; {present} (set {side}_column or {side}_template)"
+                    )
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """True when prompts are rendered with the tokenizer's chat template."""
+        return self.mode == "chat"
+
+    def describe(self) -> str:
+        """One line saying how rows are formatted (for logs)."""
+        if self.mode == "chat":
+            return f"chat messages in column {self.chat_column!r}"
+        sides = [
+            f"{s}: template {self._compiled[s][0]!r}" if s in self._compiled else f"{s}: column {getattr(self, s + '_column')!r}"
+            for s in ("prompt", "completion")
+        ]
+        return "; ".join(sides)
+
+    def __call__(self, row: dict) -> tuple[str, str]:
+        """(prompt, completion) text of one row."""
+        if self.mode is None:
+            self.check(list(row))
+        if self.mode == "chat":
+            return self._chat(row[self.chat_column])
+        return self._side("prompt", row), self._side("completion", row)
+
+    def _side(self, side: str, row: dict) -> str:
+        from jinja2 import UndefinedError
+
+        if side in self._compiled:
+            try:
+                return self._compiled[side][1].render(row)
+            except UndefinedError as e:
+                raise DataError(f"{side}_template: {e}; the row's columns are: {', '.join(row)}") from e
+        col = getattr(self, f"{side}_column")
+        if col not in row:
+            raise DataError(f"{side}_column {col!r} is missing; the row's columns are: {', '.join(row)}")
+        value = row[col]
+        if value is None:
+            raise DataError(f"{side} column {col!r} is empty (null)")
+        return value if isinstance(value, str) else str(value)
+
+    def _chat(self, messages) -> tuple[str, str]:
+        if isinstance(messages, str):  # e.g. a CSV cell holding JSON
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as e:
+                raise DataError(f"chat column {self.chat_column!r} holds text that is not a JSON list of messages") from e
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise DataError(f"chat column {self.chat_column!r} must hold a list of {{'role', 'content'}} messages")
+        # Arrow fills keys missing in some messages with None; chat templates test "is defined", so drop them.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        if messages[-1].get("role") != "assistant":
+            raise DataError(
+                f"the last message must be the assistant's (the completion); got role {messages[-1].get('role')!r}"
+            )
+        prompt = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        return prompt, str(messages[-1].get("content") or "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def _columns(rows) -> list[str]:
+    names = getattr(rows, "column_names", None)
+    if names is not None:
+        return list(names)
+    return list(rows[0]) if len(rows) else []
+
+
+def tokenize_rows(
+    rows, formatter: Formatter, tokenizer, max_seq_length: int, truncation: str = "left", split: str = "train"
+) -> tuple[list[Example], dict]:
+    """Rows -> Examples (EOS appended to the completion) and stats {'rows', 'truncated', 'dropped'}."""
+    if truncation not in TRUNCATION:
+        raise ConfigError("truncation", truncation, f"choose one of {', '.join(TRUNCATION)}")
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
+        raise ConfigError("max_seq_length", max_seq_length, "must be an integer >= 2")
+    if not isinstance(rows, (list, tuple)) and not hasattr(rows, "column_names"):
+        rows = list(rows)
+    if len(rows) == 0:
+        raise DataError(f"the {split} split is empty (0 rows)")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; completions must end with one")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    formatter.check(_columns(rows))  # fail before any row is tokenized
+
+    examples, truncated, dropped = [], 0, 0
+    for i, row in enumerate(rows):
+        try:
+            prompt_text, completion_text = formatter(row)
+        except DataError as e:
+            raise DataError(f"{split} row {i}: {e}") from e
+        if not completion_text.strip():
+            raise DataError(f"{split} row {i} has an empty completion; every row needs text to learn")
+        prompt = list(tokenizer.encode(prompt_text))  # the tokenizer's own special tokens (e.g. BOS)
+        if bos is not None and prompt[:2] == [bos, bos]:
+            prompt = prompt[1:]  # a chat template that writes BOS itself, plus the tokenizer's BOS
+        completion = list(tokenizer.encode(completion_text, add_special_tokens=False))
+        if not completion or completion[-1] != eos:
+            completion.append(eos)
+        if not prompt:
+            raise DataError(f"{split} row {i} has an empty prompt; interventions edit prompt tokens, so one is needed")
+        if len(prompt) + len(completion) > max_seq_length:
+            budget = max_seq_length - len(completion)
+            if truncation == "drop" or budget < 1:
+                dropped += 1
+                continue
+            # keep the prompt's end (nearest the completion), and a leading BOS when there is room for it
+            keep_bos = bos is not None and prompt[0] == bos and budget >= 2
+            prompt = ([bos] + prompt[len(prompt) - budget + 1 :]) if keep_bos else prompt[len(prompt) - budget :]
+            truncated += 1
+        examples.append(Example(prompt, completion))
+    stats = {"rows": len(rows), "truncated": truncated, "dropped": dropped}
+    if not examples:
+        raise DataError(
+            f"all {len(rows)} {split} rows were dropped as longer than max_seq_length={max_seq_length} "
+            f"(truncation={truncation!r}); raise max_seq_length"
+            + (" or use truncation='left'" if truncation == "drop" else "")
+        )
+    return examples, stats
+
+
+def build(
+    source: Any,
+    tokenizer,
+    formatter: Formatter,
+    *,
+    max_seq_length: int,
+    truncation: str = "left",
+    valid_fraction: float = 0.2,
+    seed: int = 0,
+    splits: Iterable[str] = ("train", "valid", "test"),
+) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+    """Load and tokenize every split: ({split: examples}, {split: stats})."""
+    loaded = load_splits(source, valid_fraction=valid_fraction, seed=seed, splits=splits)
+    examples, stats = {}, {}
+    for name, rows in loaded.items():
+        examples[name], stats[name] = tokenize_rows(rows, formatter, tokenizer, max_seq_length, truncation, split=name)
+    return examples, stats
+
+
+def pad_id_for(tokenizer) -> int:
+    """A padding id: the tokenizer's pad token, else EOS, else 0 (padding never reaches the loss)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(examples: list[Example], pad_id: int = 0, pad_to: int = 8) -> Batch:
+    """Right-pad examples into one Batch whose width is the longest row rounded up to a multiple of pad_to."""
+    if not examples:
+        raise DataError("cannot collate an empty batch")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise ConfigError("pad_to", pad_to, "must be an integer >= 1")
+    lengths = np.array([e.length for e in examples], np.int32)
+    width = int(math.ceil(lengths.max() / pad_to) * pad_to)
+    tokens = np.full((len(examples), width), pad_id, np.int32)
+    for b, e in enumerate(examples):
+        tokens[b, : e.length] = e.prompt + e.completion
+    return Batch(tokens, np.array([len(e.prompt) for e in examples], np.int32), lengths)
+
+
+def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", batch_size, "must be an integer >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError("rank", rank, f"must be in [0, world_size) with world_size >= 1 (world_size={world_size})")
+    if batch_size % world_size:
+        raise ConfigError("batch_size", batch_size, f"the global batch size must be divisible by world_size={world_size}")
+
+
+def num_batches(num_examples: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+    """How many batches iterate_batches yields per epoch (the same on every rank)."""
+    _check_sharding(batch_size, 0, world_size)
+    usable = num_examples - (num_examples % batch_size if drop_last else num_examples % world_size)
+    return usable // batch_size if drop_last else math.ceil(usable / batch_size)
+
+
+def check_enough(examples: list[Example], batch_size: int, split: str = "train") -> None:
+    """Raise DataError when a split has fewer examples than one batch."""
+    if len(examples) < batch_size:
+        raise DataError(
+            f"the {split} split has {len(examples)} example(s), fewer than batch_size={batch_size}; "
+            "lower batch_size or add data"
+        )
+
+
+def iterate_batches(
+    examples: list[Example],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    pad_id: int = 0,
+    pad_to: int = 8,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """One epoch of length-sorted batches in a (seed, epoch)-shuffled order; this rank's rows [rank::world_size].
+
+    batch_size is the global batch size. Every rank draws the same global batches, so ranks stay in step.
+    Rows left over (a partial last batch with drop_last, or a remainder not divisible by world_size) are
+    chosen at random per epoch when shuffling, so no example is always the one left out.
+    """
+    _check_sharding(batch_size, rank, world_size)
+    n = len(examples)
+    if n == 0:
+        return
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    leftover = n % batch_size if drop_last else n % world_size
+    order = order[: n - leftover]
+    # stable sort by length: equal lengths keep the shuffled order, so batch contents vary across epochs
+    lengths = np.array([examples[i].length for i in order])
+    order = order[np.argsort(lengths, kind="stable")]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    for idx in batches:
+        mine = idx[rank::world_size]
+        yield collate([examples[i] for i in mine], pad_id=pad_id, pad_to=pad_to)
+
+
+def padding_fraction(batches: Iterable[Batch]) -> float:
+    """Share of token slots in these batches that are padding."""
+    slots = real = 0
+    for b in batches:
+        slots += b.tokens.size
+        real += int(b.lengths.sum())
+    return (slots - real) / slots if slots else 0.0

@@ -1,0 +1,209 @@
+"""One training job from flat parameters (CLI flags, YAML, TransformerLab): validate, load, train.
+
+PARAMETERS is the single table of every user-facing parameter: its type, default, bounds and help.
+The CLI's flags, the plugin's index.json form, task.yaml and info.md are all derived from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import (ACTIVATIONS, DTYPES, INTERVENTIONS, LR_SCHEDULES, PRESETS, TRUNCATION, ConfigError,
+                     ReftConfig, TrainConfig)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    enum: tuple | None = None
+    group: str = "job"  # "job", "reft" or "train": which config the value lands in
+
+
+_R, _T = ReftConfig(), TrainConfig()
+
+PARAMETERS: list[Param] = [
+    Param("model", str, None, "Base model: a local mlx-lm model folder or a Hugging Face id already in the local cache."),
+    Param("data", str, None, "Dataset: a .jsonl/.json/.csv/.parquet file, a folder of splits, or a Hugging Face dataset id."),
+    Param("adapter_dir", str, "adapters/loreft", "Folder the adapter is written to (atomically)."),
+    Param("preset", str, "", "Paper settings to start from; explicit parameters override them.", enum=("",) + tuple(PRESETS)),
+    Param("prompt_template", str, "", "Jinja2 template of the prompt over the row's columns, e.g. '{{instruction}}'. Empty: auto-detect."),
+    Param("completion_template", str, "", "Jinja2 template of the completion, e.g. '{{output}}'. Empty: auto-detect."),
+    Param("chat_column", str, "", "Column holding chat messages; the last assistant turn is the completion."),
+    Param("resume", str, "", "Resume from a checkpoint folder, or 'auto' for the newest under adapter_dir/checkpoints."),
+    Param("intervention", str, _R.intervention, "ReFT intervention type: loreft is the paper's LoReFT.", enum=INTERVENTIONS, group="reft"),
+    Param("layers", str, _R.layers, "Layers to intervene on: 'all', 'middle', '3;9;18;24' or a range '0-11'.", group="reft"),
+    Param("positions", str, _R.positions, "Prompt positions edited: 'f7+l7' = first 7 and last 7 prompt tokens; 'l1' = the last one.", group="reft"),
+    Param("rank", int, _R.rank, "Rank r of the low-rank subspace (parameters grow linearly with r).", minimum=1, maximum=1024, group="reft"),
+    Param("share_weights", bool, _R.share_weights, "One intervention per layer for both first and last positions (tied).", group="reft"),
+    Param("dropout", float, _R.dropout, "Dropout on the edited hidden states (pyreft's default 0).", minimum=0.0, maximum=0.99, group="reft"),
+    Param("act_fn", str, _R.act_fn, "Activation applied to W h + b.", enum=ACTIVATIONS, group="reft"),
+    Param("learning_rate", float, _T.learning_rate, "Peak learning rate.", minimum=0.0, group="train"),
+    Param("lr_schedule", str, _T.lr_schedule, "Decay after warmup.", enum=LR_SCHEDULES, group="train"),
+    Param("warmup_ratio", float, _T.warmup_ratio, "Share of the updates spent warming up linearly.", minimum=0.0, maximum=1.0, group="train"),
+    Param("weight_decay", float, _T.weight_decay, "AdamW weight decay (0 uses Adam).", minimum=0.0, group="train"),
+    Param("batch_size", int, _T.batch_size, "Examples per batch.", minimum=1, group="train"),
+    Param("grad_accumulation_steps", int, _T.grad_accumulation_steps, "Batches per optimizer update.", minimum=1, group="train"),
+    Param("epochs", int, _T.epochs, "Passes over the training split (ignored when iters > 0).", minimum=0, group="train"),
+    Param("iters", int, _T.iters, "Total batches to train on; 0 uses epochs.", minimum=0, group="train"),
+    Param("max_seq_length", int, _T.max_seq_length, "Longest prompt + completion in tokens.", minimum=2, group="train"),
+    Param("truncation", str, _T.truncation, "Rows too long: 'left' cuts the prompt's start, 'drop' skips them.", enum=TRUNCATION, group="train"),
+    Param("grad_clip", float, _T.grad_clip, "Clip the gradient's global norm to this (0: off).", minimum=0.0, group="train"),
+    Param("steps_per_report", int, _T.steps_per_report, "Report loss, tokens/s and progress every N steps.", minimum=1, group="train"),
+    Param("steps_per_eval", int, _T.steps_per_eval, "Validate every N steps (0: only at the end).", minimum=0, group="train"),
+    Param("save_every", int, _T.save_every, "Write a checkpoint every N steps (0: only the final adapter).", minimum=0, group="train"),
+    Param("max_eval_batches", int, _T.max_eval_batches, "Cap on validation batches (0: the whole split).", minimum=0, group="train"),
+    Param("valid_fraction", float, _T.valid_fraction, "Share of train held out when the data has no validation split.", minimum=0.0, maximum=0.9, group="train"),
+    Param("seed", int, _T.seed, "Seed for initialization, shuffling, splits and dropout.", minimum=0, group="train"),
+    Param("dtype", str, _T.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
+]
+PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def coerce(param: Param, value: Any) -> Any:
+    """Turn a value that may arrive as a string (TransformerLab sends strings) into the parameter's type."""
+    if value is None:
+        return None
+    kind = param.type
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return value if isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(param.name, value, f"must be {kind.__name__}") from None
+
+
+@dataclass
+class Job:
+    """A fully validated training job."""
+
+    model: str
+    data: str | None
+    adapter_dir: str
+    reft: ReftConfig
+    train: TrainConfig
+    formatting: dict = field(default_factory=dict)
+    resume: str | None = None
+    preset: str = ""
+
+    def to_params(self) -> dict:
+        """The flat parameters this job was made from (after defaults and preset)."""
+        flat = {"model": self.model, "data": self.data, "adapter_dir": self.adapter_dir, "preset": self.preset,
+                "resume": self.resume or "", **self.formatting}
+        flat.update({k: v for k, v in self.reft.to_dict().items() if k != "seed"})
+        flat.update(self.train.to_dict())
+        return flat
+
+
+def job_from_params(params: dict, *, strict: bool = True, require_data: bool = True) -> Job:
+    """Validate flat parameters into a Job; every error names the parameter, its value and what is allowed.
+
+    strict: unknown keys are an error (CLI, YAML); TransformerLab passes extra keys, so it uses strict=False.
+    """
+    unknown = sorted(k for k in params if k not in PARAMS_BY_NAME)
+    if strict and unknown:
+        raise ConfigError(unknown[0], params[unknown[0]], f"unknown parameter; known: {', '.join(PARAMS_BY_NAME)}")
+    values = {p.name: p.default for p in PARAMETERS}
+    given = {k: coerce(PARAMS_BY_NAME[k], v) for k, v in params.items() if k in PARAMS_BY_NAME and v is not None}
+    preset = given.get("preset", "") or ""
+    if preset and preset not in PRESETS:
+        raise ConfigError("preset", preset, f"choose one of {', '.join(PRESETS)}")
+    for group in ("reft", "train"):
+        values.update(PRESETS.get(preset, {}).get(group, {}))
+    values.update(given)
+    for p in PARAMETERS:
+        v = values[p.name]
+        if p.enum is not None and v not in p.enum:
+            raise ConfigError(p.name, v, f"choose one of {', '.join(map(str, p.enum))}")
+    if not values["model"]:
+        raise ConfigError("model", values["model"], "give a local model folder or a Hugging Face model id")
+    if require_data and not values["data"]:
+        raise ConfigError("data", values["data"], "give a dataset file, folder or Hugging Face dataset id")
+    reft = ReftConfig(**{f.name: values[f.name] for f in dataclasses.fields(ReftConfig) if f.name != "seed"},
+                      seed=values["seed"]).validate()
+    train = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}).validate()
+    formatting = {k: values[k] or None for k in ("prompt_template", "completion_template", "chat_column")}
+    resume = values["resume"] or None
+    return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset)
+
+
+def resolve_model(name: str) -> str:
+    """An existing local folder wins; otherwise the name is a Hugging Face id (found in the local cache)."""
+    path = Path(os.path.expanduser(name))
+    return str(path.resolve()) if path.exists() else name
+
+
+def load_model(name: str, dtype: str = "auto"):
+    """mlx_lm.load the base model and cast its floating weights to the training dtype: (model, tokenizer)."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from .trainer import resolve_dtype
+
+    model, tokenizer = mlx_lm.load(resolve_model(name))
+    target = resolve_dtype(dtype)
+    model.set_dtype(target, lambda x: mx.issubdtype(x, mx.floating))
+    return model, tokenizer
+
+
+def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> dict:
+    """Load data and model, attach the interventions, train, save; returns the trainer's summary.
+
+    splits: already-loaded {split: rows} (TransformerLab's loader); otherwise job.data is loaded.
+    Data and templates are checked before the model loads, so bad input fails fast.
+    """
+    from . import data as D
+    from .model import attach
+    from .trainer import latest_checkpoint, train
+
+    if splits is None:
+        splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed)
+    formatter = D.Formatter(None, **job.formatting)
+    train_rows = splits["train"]
+    columns = list(train_rows.column_names) if hasattr(train_rows, "column_names") else sorted(train_rows[0])
+    formatter.check(columns)
+    resume = job.resume
+    if resume == "auto":
+        resume = latest_checkpoint(job.adapter_dir)
+        log(f"Resuming from {resume}" if resume else "No checkpoint found; starting fresh")
+    model, tokenizer = load_model(job.model, job.train.dtype)
+    formatter.tokenizer = tokenizer
+    formatter.check(columns)  # again, now that the chat template is known
+    examples = {}
+    for name, rows in splits.items():
+        examples[name], stats = D.tokenize_rows(rows, formatter, tokenizer, job.train.max_seq_length, job.train.truncation, split=name)
+        if stats["truncated"] or stats["dropped"]:
+            log(f"{name}: {stats['truncated']} rows truncated, {stats['dropped']} dropped (max_seq_length={job.train.max_seq_length})")
+    reft = attach(model, job.reft)
+    extra = {"formatting": {**job.formatting, "chat": formatter.uses_chat_template}}
+    return train(
+        reft, examples["train"], examples.get("valid"), job.train, job.adapter_dir,
+        callbacks=callbacks, test_set=examples.get("test"), pad_id=D.pad_id_for(tokenizer),
+        resume_from=resume, base_model=job.model, adapter_extra=extra,
+    )

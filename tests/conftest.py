@@ -1,0 +1,21 @@
+"""Shared fixtures: one tiny random llama (with its tokenizer) built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Path of a tiny mlx-lm llama folder (hidden 64, 4 layers, 4 heads) that mlx_lm.load reads offline."""
+    from loreft.demo import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), model_type="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer as mlx_lm.load returns it (a TokenizerWrapper, with a chat template)."""
+    from mlx_lm.tokenizer_utils import load
+
+    return load(tiny_model_dir)
