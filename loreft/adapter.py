@@ -65,7 +65,11 @@ def atomic_folder(path: str | Path, write: Callable[[Path], None], keep: tuple[s
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the previous adapter back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

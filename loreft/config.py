@@ -29,13 +29,11 @@ def parse_positions(spec: str) -> tuple[int, int]:
     allowed = "expected 'fN', 'lN' or 'fN+lM' with N, M >= 1 (e.g. 'f7+l7', 'l1')"
     if not isinstance(spec, str):
         raise ConfigError("positions", spec, allowed)
-    m = re.fullmatch(r"\s*(?:f(\d+))?\s*\+?\s*(?:l(\d+))?\s*", spec.lower())
-    if not m or not spec.strip() or (m.group(1) is None and m.group(2) is None):
+    m = re.fullmatch(r"\s*(?:f(\d+)(?:\s*\+\s*l(\d+))?|l(\d+))\s*", spec.lower())
+    if not m:
         raise ConfigError("positions", spec, allowed)
-    if m.group(1) and m.group(2) and "+" not in spec:
-        raise ConfigError("positions", spec, allowed)
-    first, last = int(m.group(1) or 0), int(m.group(2) or 0)
-    if (m.group(1) and first < 1) or (m.group(2) and last < 1):
+    first, last = int(m.group(1) or 0), int(m.group(2) or m.group(3) or 0)
+    if (m.group(1) and first < 1) or ((m.group(2) or m.group(3)) and last < 1):
         raise ConfigError("positions", spec, allowed)
     return first, last
 

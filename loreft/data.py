@@ -285,6 +285,8 @@ class Formatter:
         return value if isinstance(value, str) else str(value)
 
     def _chat(self, messages) -> tuple[str, str]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"chat column {self.chat_column!r} needs a tokenizer with a chat template")
         if isinstance(messages, str):  # e.g. a CSV cell holding JSON
             try:
                 messages = json.loads(messages)
@@ -413,12 +415,12 @@ def collate(examples: list[Example], pad_id: int = 0, pad_to: int = 8) -> Batch:
     return Batch(tokens, np.array([len(e.prompt) for e in examples], np.int32), lengths)
 
 
-def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:
+def _check_sharding(batch_size: int, rank: int, world_size: int, equal_shares: bool = True) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be an integer >= 1")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError("rank", rank, f"must be in [0, world_size) with world_size >= 1 (world_size={world_size})")
-    if batch_size % world_size:
+    if equal_shares and batch_size % world_size:
         raise ConfigError("batch_size", batch_size, f"the global batch size must be divisible by world_size={world_size}")
 
 
@@ -450,20 +452,23 @@ def iterate_batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    equal_shares: bool = True,
 ) -> Iterator[Batch]:
     """One epoch of length-sorted batches in a (seed, epoch)-shuffled order; this rank's rows [rank::world_size].
 
     batch_size is the global batch size. Every rank draws the same global batches, so ranks stay in step.
     Rows left over (a partial last batch with drop_last, or a remainder not divisible by world_size) are
     chosen at random per epoch when shuffling, so no example is always the one left out.
+    equal_shares=False (evaluation, where ranks need not stay in step) keeps every row instead: the last
+    batch may then give some ranks one row fewer, or none (that rank skips it).
     """
-    _check_sharding(batch_size, rank, world_size)
+    _check_sharding(batch_size, rank, world_size, equal_shares)
     n = len(examples)
     if n == 0:
         return
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n) if shuffle else np.arange(n)
-    leftover = n % batch_size if drop_last else n % world_size
+    leftover = n % batch_size if drop_last else (n % world_size if equal_shares else 0)
     order = order[: n - leftover]
     # stable sort by length: equal lengths keep the shuffled order, so batch contents vary across epochs
     lengths = np.array([examples[i].length for i in order])
@@ -473,6 +478,8 @@ def iterate_batches(
         batches = [batches[j] for j in rng.permutation(len(batches))]
     for idx in batches:
         mine = idx[rank::world_size]
+        if len(mine) == 0:
+            continue
         yield collate([examples[i] for i in mine], pad_id=pad_id, pad_to=pad_to)
 
 

@@ -96,7 +96,9 @@ def build_tiny_model(
         "torch_dtype": "float32",
         **extra_args,
     }
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    from mlx_lm.utils import MODEL_REMAPPING  # e.g. mistral is served by the llama module
+
+    module = importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}")
     fields = module.ModelArgs.__dataclass_fields__
     args = module.ModelArgs(**{k: v for k, v in config.items() if k in fields})
     mx.random.seed(seed)

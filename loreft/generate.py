@@ -66,7 +66,8 @@ def format_prompt(tokenizer, text: str, formatting: dict | None = None) -> str:
     """The prompt as the adapter saw prompts in training: its prompt template, then its chat template.
 
     formatting is reft_config.json's "formatting": {"prompt_template": str | None, "chat": bool}.
-    None (or {}) means raw text. With both, the rendered template becomes the user message.
+    None (or {}) means raw text. chat wins over a template, as in data.Formatter's chat mode: the text
+    becomes the one user message of the tokenizer's chat template, with the generation prompt.
     """
     if not formatting:
         return text
@@ -77,13 +78,11 @@ def format_prompt(tokenizer, text: str, formatting: dict | None = None) -> str:
         raise ConfigError("formatting.prompt_template", template, "expected a jinja2 template string or null")
     if not isinstance(chat, bool):
         raise ConfigError("formatting.chat", chat, "expected true or false")
-    if template:
-        text = render_prompt_template(template, text)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("formatting.chat", chat, "the adapter was trained with a chat template, but this tokenizer has none")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    return text
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return render_prompt_template(template, text) if template else text
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

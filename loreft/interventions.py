@@ -40,8 +40,14 @@ def _uniform(key: mx.array, shape: tuple[int, ...], bound: float) -> mx.array:
     return mx.random.uniform(-bound, bound, shape, key=key)
 
 
+# The stored `rotation` starts as an orthonormal basis scaled by this. R = orthonormalize(rotation) ignores
+# the scale, but an Adam step of ~lr per entry then turns R by ~lr / scale: at 0.5 R moves as far per step as
+# under pyreft's Householder parametrization, so the paper's learning rates carry over (tests/test_pyreft_parity).
+ROTATION_INIT_SCALE = 0.5
+
+
 def _random_orthonormal(key: mx.array, d: int, r: int) -> mx.array:
-    return orthonormalize(mx.random.normal((d, r), key=key))
+    return ROTATION_INIT_SCALE * orthonormalize(mx.random.normal((d, r), key=key))
 
 
 class Intervention(nn.Module):

@@ -6,18 +6,19 @@ import json
 import math
 import time
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.nn.utils import average_gradients
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .adapter import WEIGHTS_FILE, save_adapter
 from .config import TrainConfig
-from .data import Batch, Example, check_enough, iterate_batches
+from .data import Batch, Example, check_enough, iterate_batches, num_batches
 from .model import Reft
 from .positions import Locations
 from .reporting import Callback, plot_loss, write_metrics
@@ -60,8 +61,11 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
+    world = mx.distributed.init()
     try:
-        batches = iterate_batches(examples, batch_size, shuffle=False, pad_id=pad_id, pad_to=PAD_TO)
+        # each rank scores its share of every batch; nothing is dropped (ranks need not stay in step here)
+        batches = iterate_batches(examples, batch_size, shuffle=False, pad_id=pad_id, pad_to=PAD_TO,
+                                  rank=world.rank(), world_size=world.size(), equal_shares=False)
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
@@ -79,8 +83,41 @@ def evaluate_loss(
 
 
 def _sum_across_ranks(x: mx.array) -> mx.array:
+    """Sum over all ranks (x itself on one process); on the backend's own stream: nccl cannot use mx.cpu."""
     world = mx.distributed.init()
-    return mx.distributed.all_sum(x, stream=mx.cpu) if world.size() > 1 else x
+    return mx.distributed.all_sum(x) if world.size() > 1 else x
+
+
+def _sum_tree_across_ranks(tree):
+    """Sum every array of a tree over all ranks in one all-reduce per dtype (many small messages are slow)."""
+    flat = [v for _, v in tree_flatten(tree)]
+    if mx.distributed.init().size() == 1 or not flat:
+        return tree
+    if len({v.dtype for v in flat}) > 1:
+        return tree_map(mx.distributed.all_sum, tree)
+    total = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for v in flat]))
+    parts = iter(mx.split(total, list(accumulate(v.size for v in flat))[:-1]))
+    return tree_map(lambda v: next(parts).reshape(v.shape), tree)  # tree_map visits leaves in tree_flatten order
+
+
+def _from_main(tree):
+    """Rank 0's values of a tree of arrays, on every rank (an all-sum of rank 0's values and zeros)."""
+    if mx.distributed.init().rank() != 0:
+        tree = tree_map(mx.zeros_like, tree)
+    tree = _sum_tree_across_ranks(tree)
+    mx.eval(tree)
+    return tree
+
+
+def _share_main_state(reft: Reft, optimizer: optim.Optimizer, saved: dict | None) -> dict | None:
+    """Give every rank rank 0's weights, optimizer state and trainer state: only rank 0 needs a checkpoint on disk."""
+    text = json.dumps(saved).encode() if saved is not None else b""
+    size = int(_sum_across_ranks(mx.array(len(text))).item())  # only rank 0's text is non-empty
+    buf = np.frombuffer(text, np.uint8) if text else np.zeros(size, np.uint8)
+    text = bytes(np.array(_from_main(mx.array(buf))).tobytes()) if size else b""
+    reft.load_parameters(_from_main(reft.parameters()))
+    optimizer.state = _from_main(optimizer.state)
+    return json.loads(text) if text else None
 
 
 def make_optimizer(cfg: TrainConfig, total_updates: int) -> optim.Optimizer:
@@ -96,23 +133,25 @@ def make_optimizer(cfg: TrainConfig, total_updates: int) -> optim.Optimizer:
         main = optim.cosine_decay(lr, rest)
     if warmup > 0:
         after = main if callable(main) else (lambda _step, v=lr: v)
-        schedule = optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup), after], [warmup])
+        ramp = lambda step: lr * (step + 1) / warmup  # update k of the warmup uses lr * (k+1) / warmup
+        schedule = optim.join_schedules([ramp, after], [warmup])
     else:
         schedule = main
+    # bias correction as in torch's Adam/AdamW (pyreft trains with those): MLX leaves it off by default
     if cfg.weight_decay > 0:
-        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    return optim.Adam(learning_rate=schedule)
+        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay, bias_correction=True)
+    return optim.Adam(learning_rate=schedule, bias_correction=True)
 
 
-def steps_per_epoch(examples: Sequence[Example], batch_size: int) -> int:
-    """Batches in one pass over the examples (the last one may be smaller)."""
-    return math.ceil(len(examples) / batch_size)
+def steps_per_epoch(examples: Sequence[Example], batch_size: int, world_size: int = 1) -> int:
+    """Batches in one pass over the examples (the last one may be smaller); batch_size is the global batch."""
+    return num_batches(len(examples), batch_size, world_size=world_size)
 
 
 def _batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: int) -> Iterator[tuple[int, Batch]]:
     """(step, batch) from step `start` to `total`: the same sequence whether resumed or not."""
-    per_epoch = steps_per_epoch(examples, cfg.batch_size)
     world = mx.distributed.init()
+    per_epoch = steps_per_epoch(examples, cfg.batch_size, world.size())
     step = start
     while step < total:
         epoch, skip = divmod(step, per_epoch)
@@ -131,25 +170,32 @@ def _batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: in
 
 def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig):
     model = reft.model
+    distributed = mx.distributed.init().size() > 1
 
-    def loss(model, tokens, mask, locs):
+    def loss(model, tokens, mask, locs, denominator=None):
         reft.set_locations(Locations.from_arrays(reft.groups, locs))
         try:
             s, n = completion_loss(model, tokens, mask)
         finally:
             reft.set_locations(None)
-        return s / n, n
+        # one process: the batch's token mean; distributed: this rank's part of the global batch's token mean
+        return s / (n if denominator is None else denominator), n
 
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(tokens, mask, locs, prev_grad, do_update):
-        (value, ntoks), grad = loss_and_grad(model, tokens, mask, locs)
+        # Ranks hold different numbers of target tokens, so a mean of per-rank means is not the global
+        # mean: divide each rank's loss sum by the global count, then add the ranks' gradients.
+        denominator = mx.distributed.all_sum(mask.sum()) if distributed else None
+        (value, ntoks), grad = loss_and_grad(model, tokens, mask, locs, denominator)
+        if distributed:
+            value, ntoks = mx.distributed.all_sum(value), denominator  # the global batch's loss on every rank
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
-            grad = average_gradients(grad)  # all-reduce across ranks; identity on one process
+            grad = _sum_tree_across_ranks(grad)  # one all-reduce per update; identity on one process
             if cfg.grad_accumulation_steps > 1:
                 grad = tree_map(lambda g: g / cfg.grad_accumulation_steps, grad)
             if cfg.grad_clip > 0:
@@ -219,13 +265,16 @@ def train(
     if valid_set:
         check_enough(valid_set, 1, "valid")
 
-    total_steps = cfg.iters or cfg.epochs * steps_per_epoch(train_set, cfg.batch_size)
+    per_epoch = steps_per_epoch(train_set, cfg.batch_size, world.size())  # checks batch_size % world size
+    total_steps = cfg.iters or cfg.epochs * per_epoch
     accum = cfg.grad_accumulation_steps
     optimizer = make_optimizer(cfg, math.ceil(total_steps / accum))
     optimizer.init(model.trainable_parameters())
-    start, history, trained_tokens = 0, [], 0
-    if resume_from is not None:
-        saved = load_checkpoint(reft, optimizer, resume_from)
+    start, history, trained_tokens = 0, [], 0  # trained_tokens: all ranks' tokens before this run's steps
+    saved = load_checkpoint(reft, optimizer, resume_from) if resume_from is not None and is_main else None
+    if world.size() > 1:
+        saved = _share_main_state(reft, optimizer, saved)  # rank 0 decides whether and where to resume
+    if saved is not None:
         start, history, trained_tokens = saved["step"], saved["history"], saved["trained_tokens"]
     step_fn, state = _make_step(reft, optimizer, cfg)
     adapter_kw = {"base_model": base_model, "extra": adapter_extra}
@@ -257,13 +306,14 @@ def train(
     model.train()
     grad_accum, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
     window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0, "steps": 0}
-    train_time, steps_done = 0.0, 0
+    train_time, steps_done, local_tokens = 0.0, 0, 0
     stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
     pending = next(stream, None)
     while pending is not None:
         step, batch = pending
         tic = time.perf_counter()
-        mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout keys depend on (seed, step) alone: resumable
+        # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
+        mx.random.seed((cfg.seed * 1_000_003 + step) * world.size() + world.rank())
         tokens, mask, locs = batch_arrays(reft, batch)
         do_update = (step + 1) % accum == 0 or step + 1 == total_steps
         loss, ntoks, grad_accum = step_fn(tokens, mask, locs, grad_accum, do_update)
@@ -272,13 +322,9 @@ def train(
         loss_value, ntoks_value = loss.item(), int(ntoks.item())
         elapsed = time.perf_counter() - tic
         if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been saved yet"
-            raise NonFiniteLossError(
-                f"loss became {loss_value} at step {step + 1}; training stopped and {kept}. "
-                f"Try a lower learning_rate (now {cfg.learning_rate}) or grad_clip > 0."
-            )
-        n_real = int(batch.lengths.sum())
-        trained_tokens += n_real
+            raise NonFiniteLossError(_non_finite_message(f"loss became {loss_value}", step + 1, last_checkpoint, cfg))
+        n_real = int(batch.lengths.sum())  # this rank's tokens
+        local_tokens += n_real
         train_time += elapsed
         steps_done += 1
         window["loss"] += loss_value * ntoks_value
@@ -291,14 +337,14 @@ def train(
             cb.on_step(done, total_steps)
 
         if done % cfg.steps_per_report == 0 or done == total_steps:
-            tot = _sum_across_ranks(mx.array([window["loss"], window["targets"], window["tokens"]]))
-            loss_sum, targets, tokens_sum = (float(v) for v in tot.tolist())
+            # loss and targets are already global (the step all-reduces them); token counts are per rank
+            tokens_sum, seen = _sum_across_ranks(mx.array([window["tokens"], local_tokens], mx.int64)).tolist()
             row = {
-                "kind": "train", "step": done, "epoch": step // steps_per_epoch(train_set, cfg.batch_size),
-                "loss": loss_sum / max(targets, 1),
+                "kind": "train", "step": done, "epoch": step // per_epoch,
+                "loss": window["loss"] / max(window["targets"], 1),
                 "learning_rate": float(optimizer.learning_rate.item()),
                 "tokens_per_sec": tokens_sum / max(window["time"], 1e-9),
-                "trained_tokens": trained_tokens * world.size(),
+                "trained_tokens": trained_tokens + seen,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "eta_s": (total_steps - done) * train_time / steps_done,
                 "progress": done / total_steps,
@@ -311,16 +357,19 @@ def train(
         if valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0 and done < total_steps:
             run_eval(done, "valid", valid_set)
         if cfg.save_every and done % cfg.save_every == 0 and grad_accum is None and done < total_steps:
+            _check_finite(reft, done, last_checkpoint, cfg)  # this step's update may have gone bad: never save it
             folder = adapter_dir / CHECKPOINTS / f"step-{done:07d}"
-            if is_main:
-                save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens}, **adapter_kw)
-                last_checkpoint = folder
+            seen = int(_sum_across_ranks(mx.array(local_tokens, mx.int64)).item())
+            if is_main:  # only rank 0 writes; the others may not even share its disk
+                save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens + seen}, **adapter_kw)
+            last_checkpoint = folder
             for cb in callbacks:
                 cb.on_checkpoint(done, folder)
         if _any_rank(any(cb.should_stop() for cb in callbacks)):
             stopped = True
             break
 
+    _check_finite(reft, start + steps_done, last_checkpoint, cfg)
     final_step = history[-1]["step"] if history else start
     final_step = max(final_step, start + steps_done)
     valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set else None
@@ -337,9 +386,21 @@ def train(
     return summary
 
 
+def _non_finite_message(what: str, step: int, last_checkpoint: Path | None, cfg: TrainConfig) -> str:
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint had been saved yet"
+    return (f"{what} at step {step}; training stopped and {kept}. "
+            f"Try a lower learning_rate (now {cfg.learning_rate}) or grad_clip > 0.")
+
+
+def _check_finite(reft: Reft, step: int, last_checkpoint: Path | None, cfg: TrainConfig) -> None:
+    """Raise NonFiniteLossError if an update left a NaN or infinity in the intervention weights."""
+    if not all(mx.isfinite(v).all().item() for v in reft.parameters().values()):
+        raise NonFiniteLossError(_non_finite_message("intervention weights became non-finite", step, last_checkpoint, cfg))
+
+
 def _any_rank(flag: bool) -> bool:
     """True on every rank when any rank asks to stop, so all ranks leave the loop together."""
     world = mx.distributed.init()
     if world.size() == 1:
         return flag
-    return mx.distributed.all_sum(mx.array(int(flag)), stream=mx.cpu).item() > 0
+    return mx.distributed.all_sum(mx.array(int(flag))).item() > 0

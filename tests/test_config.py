@@ -67,14 +67,10 @@ def test_parse_positions(spec, expected):
     assert parse_positions(spec) == expected
 
 
-# A dangling '+' is accepted by parse_positions today (a lenient regex): strict xfail until config.py is fixed.
-_DANGLING = pytest.mark.xfail(strict=True, reason="parse_positions accepts a dangling '+' ('f2+', '+l2')")
-
-
 @pytest.mark.parametrize(
     "spec",
     ["x3", "f", "l0", "f3l3", "", "f0", "f0+l2", "f2+l0", "+", "f-1", "l", "7", "l2+f2", None, 7,
-     pytest.param("f2+", marks=_DANGLING), pytest.param("+l2", marks=_DANGLING)],
+     "f2+", "+l2"],
 )
 def test_parse_positions_rejects(spec):
     with pytest.raises(ConfigError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -145,8 +146,14 @@ def test_chat_mode_uses_the_tokenizers_chat_template(tiny_tokenizer):
     assert completion == "Hello."
     with pytest.raises(DataError, match="last message must be the assistant"):
         f({"messages": messages[:2]})
+    # before the model loads there is no tokenizer: check() settles the mode, rendering needs the template
+    early = Formatter(None, chat_column="messages")
+    early.check(["messages"])
     with pytest.raises(DataError, match="chat template"):
-        Formatter(None, chat_column="messages").check(["messages"])
+        early({"messages": messages})
+    no_template = types.SimpleNamespace(chat_template=None)  # a tokenizer that has no chat template
+    with pytest.raises(DataError, match="chat template"):
+        Formatter(no_template, chat_column="messages").check(["messages"])
 
 
 def test_undefined_template_variable_names_it_and_lists_columns():

@@ -88,6 +88,10 @@ def test_adapter_changes_the_output_and_base_generation_is_mlx_lm(adapted, plain
         assert batch_generate(model, tok, [ids], reft, max_tokens=12, edit=False) == [_tokens(base_model, base_tok, ids, None, 12)]
         changed += generate(model, tok, ids, reft, max_tokens=12) != ours_base
     assert changed >= len(PROMPTS) - 1  # the edit is not a no-op
+    # a text prompt is tokenized as mlx-lm tokenizes it
+    assert generate(base_model, base_tok, "Who are you?", max_tokens=8) == mlx_lm.generate(
+        base_model, base_tok, "Who are you?", max_tokens=8
+    )
 
 
 def test_batched_greedy_equals_one_at_a_time(adapted):
@@ -155,6 +159,7 @@ def test_format_prompt_matches_training_formatting(tiny_tokenizer):
     messages = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A bot."}]
     chat_prompt = chat({"messages": messages})[0]
     assert format_prompt(tok, "Who are you?", {"prompt_template": None, "chat": True}) == chat_prompt
+    assert format_prompt(tok, "Who are you?", {"prompt_template": "Q: {{ q }}", "chat": True}) == chat_prompt
     assert format_prompt(tok, "raw text", None) == "raw text"
 
     # generation tokenizes the prompt exactly as training did

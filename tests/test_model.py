@@ -42,14 +42,9 @@ PER_INTERVENTION = {
 
 
 def build(root: Path, family: str, num_layers: int = LAYERS) -> Path:
-    """A tiny model folder of this family (mistral is loaded by mlx-lm through its llama module)."""
-    model_type = "llama" if family == "mistral" else family  # build_tiny_model imports mlx_lm.models.<type>
-    path = build_tiny_model(root / f"{family}-{num_layers}", model_type=model_type, hidden_size=D, num_layers=num_layers,
+    """A tiny model folder of this family (config.json names the family, as a real checkpoint does)."""
+    return build_tiny_model(root / f"{family}-{num_layers}", model_type=family, hidden_size=D, num_layers=num_layers,
                             num_heads=HEADS, intermediate_size=64, **FAMILIES[family])
-    if family == "mistral":  # config.json says mistral, as a real Mistral checkpoint does; mlx_lm.load remaps it
-        cfg = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ What differs from pyreft's own training pipeline, and how the fixture bridges it
   clipping, full batch, losses recorded before each of 5 updates plus the loss after the last one. pyreft
   optimizes R through torch's orthogonal parametrization (a Householder map), mlx-loreft through
   Gram-Schmidt of an unconstrained (d, r) matrix, so only the non-orthogonal types (noreft, nodireft)
-  can follow the same Adam trajectory exactly.
+  and loreft with R frozen ("train_loreft_frozen_R") can follow the same Adam trajectory exactly.
 - Generation: pyreft's generate with intervene_on_prompt=True (edit on the prompt during prefill only),
   greedy, 8 new tokens; the base model's greedy tokens are recorded too, to show the edit matters.
 """
@@ -100,6 +100,9 @@ TRAIN_CASES = [  # 5 AdamW steps on one fixed batch of 2
     ("train_nodireft", "nodireft", 4, [0, 2], "f1+l1", False, "linear", 2, 6, 4),
     ("train_loreft", "loreft", 4, [0, 2], "f1+l1", False, "linear", 2, 6, 4),
 ]
+# The same loreft run (same seed: same weights and batch) with R frozen: only W and b train, so the Adam
+# trajectory is exactly comparable; the gap of the full run is then down to R's parametrization.
+FROZEN_R_CASE = ("train_loreft_frozen_R",) + TRAIN_CASES[-1][1:]
 GEN_CASE = ("gen_loreft", "loreft", 4, [1, 2], "f1+l1", False, "linear", 1, 6, 0)
 
 
@@ -230,7 +233,7 @@ def record_case(store, meta, model, vocab, seed, spec):
     print(f"{name}: loss {out.loss.item():.6f}")
 
 
-def record_training(store, meta, model, vocab, seed, spec):
+def record_training(store, meta, model, vocab, seed, spec, train_rotation=True):
     name, kind, rank, layers, positions, share, act_fn, batch, plen, clen = spec
     torch.manual_seed(seed)
     reft_model, groups, ivs, locations = make_reft(model, kind, rank, layers, positions, share, act_fn, plen, batch)
@@ -238,7 +241,9 @@ def record_training(store, meta, model, vocab, seed, spec):
     for (layer, group), iv in zip(groups, ivs):
         for pname, t in weights_of(iv, kind).items():
             store[f"{name}.w.layers.{layer}.{group}.{pname}"] = t.detach().numpy().astype(np.float32)
-    params = [p for iv in ivs for p in iv.parameters() if p.requires_grad]
+    params = [
+        p for iv in ivs for n, p in iv.named_parameters() if train_rotation or not n.startswith("rotate_layer")
+    ]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     losses = []
     for _ in range(STEPS):
@@ -256,6 +261,7 @@ def record_training(store, meta, model, vocab, seed, spec):
         intervention=kind, rank=rank, layers=layers, positions=positions, share_weights=share, act_fn=act_fn,
         batch=batch, prompt_len=plen, completion_len=clen, groups=[f"layers.{l}.{g}" for l, g in groups],
         optimizer=dict(name="AdamW", lr=LR, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, steps=STEPS),
+        train_rotation=train_rotation,
     )
     print(f"{name}: losses {np.round(losses, 6).tolist()}")
 
@@ -313,6 +319,7 @@ def main() -> None:
         record_case(store, meta, model, vocab, seed, spec)
     for seed, spec in enumerate(TRAIN_CASES, start=100):
         record_training(store, meta, model, vocab, seed, spec)
+    record_training(store, meta, model, vocab, 100 + len(TRAIN_CASES) - 1, FROZEN_R_CASE, train_rotation=False)
     record_generation(store, meta, model, vocab, 200, GEN_CASE)
     store["meta"] = np.array(json.dumps(meta))
     np.savez_compressed(OUT, **store)

@@ -1,0 +1,154 @@
+"""loreft.blas: MLX's CPU matmuls through MKL give float64-exact-to-float32 results, the opt-out works, and the library is really loaded.
+
+Each case runs in a fresh interpreter: libmlx binds cblas_sgemm once, when mlx.core is first imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINUX = sys.platform.startswith("linux")
+LIB = "libmkl_rt"  # the file loreft.blas loads, as it appears in /proc/self/maps
+
+
+def _has_mkl() -> bool:
+    try:
+        metadata.distribution("mkl")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+needs_linux = pytest.mark.skipif(not LINUX, reason="/proc/self/maps and the preload are Linux-only")
+needs_mkl = pytest.mark.skipif(not (LINUX and _has_mkl()), reason="needs Linux and the mkl package")
+
+# Printed as the last line of every child: what enable_fast_blas reports and whether the library is mapped.
+REPORT = f"""
+from loreft.blas import enable_fast_blas
+out["fast_blas"] = enable_fast_blas()
+out["mapped"] = {LINUX} and any("{LIB}" in line for line in open("/proc/self/maps"))
+print(json.dumps(out))
+"""
+
+
+def run_child(code: str, *args: str, **env: str) -> dict:
+    """Run code (with sys.argv[1:] = args) in a fresh python with loreft importable; return the JSON it prints last."""
+    child_env = {k: v for k, v in os.environ.items() if k != "LOREFT_NO_FAST_BLAS"}
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    child_env.update(env)
+    proc = subprocess.run([sys.executable, "-c", code + REPORT, *args], cwd=ROOT, env=child_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+NUMERICS = """
+import loreft  # first, as users do: it loads the fast BLAS before mlx.core
+import json
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+rng = np.random.default_rng(0)
+f64 = lambda x: np.asarray(x, dtype=np.float64)
+rel = lambda got, ref: float(np.linalg.norm(f64(got) - ref) / np.linalg.norm(ref))
+out = {}
+
+a = rng.standard_normal((256, 384)).astype(np.float32)
+b = rng.standard_normal((384, 128)).astype(np.float32)
+out["matmul"] = rel(mx.array(a) @ mx.array(b), f64(a) @ f64(b))
+out["matmul_transposed"] = rel(mx.array(b).T @ mx.array(a).T, (f64(a) @ f64(b)).T)
+x3, w3 = rng.standard_normal((3, 64, 96)).astype(np.float32), rng.standard_normal((3, 96, 32)).astype(np.float32)
+out["batched"] = rel(mx.array(x3) @ mx.array(w3), f64(x3) @ f64(w3))
+a64, b64 = mx.array(a, dtype=mx.float64), mx.array(b, dtype=mx.float64)  # cblas_dgemm
+out["float64"] = rel(mx.matmul(a64, b64, stream=mx.cpu), f64(a) @ f64(b))
+
+# A linear layer's loss and parameter gradients against the float64 closed form.
+lin = nn.Linear(384, 128)
+y = rng.standard_normal((256, 128)).astype(np.float32)
+loss, grads = nn.value_and_grad(lin, lambda x, t: 0.5 * ((lin(x) - t) ** 2).sum())(mx.array(a), mx.array(y))
+err = f64(a) @ f64(lin.weight).T + f64(lin.bias) - f64(y)
+out["loss"] = abs(float(loss) - 0.5 * (err ** 2).sum()) / (0.5 * (err ** 2).sum())
+out["grad_weight"] = rel(grads["weight"], err.T @ f64(a))
+out["grad_bias"] = rel(grads["bias"], err.sum(0))
+
+# MKL also supplies the LAPACK routines behind mx.linalg: check two of them.
+m = (rng.standard_normal((16, 16)) + 16 * np.eye(16)).astype(np.float32)
+out["inv"] = rel(mx.linalg.inv(mx.array(m), stream=mx.cpu), np.linalg.inv(f64(m)))
+s = m + m.T
+out["eigvalsh"] = rel(mx.linalg.eigvalsh(mx.array(s), stream=mx.cpu), np.linalg.eigvalsh(f64(s)))
+"""
+
+
+def test_float32_matmul_and_linear_grad_match_float64():
+    out = run_child(NUMERICS)
+    for key in ("matmul", "matmul_transposed", "batched", "loss", "grad_weight", "grad_bias", "inv", "eigvalsh"):
+        assert out[key] < 1e-5, (key, out[key], out["fast_blas"])
+    assert out["float64"] < 1e-12, out
+
+
+@needs_linux
+def test_opt_out_loads_nothing():
+    out = run_child("import loreft, json\nimport mlx.core as mx\nmx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\nout = {}",
+                    LOREFT_NO_FAST_BLAS="1")
+    assert out == {"fast_blas": None, "mapped": False}
+
+
+@needs_mkl
+def test_enabled_maps_the_library():
+    out = run_child("import loreft, json\nimport mlx.core as mx\nout = {}")
+    assert out["mapped"], out
+    assert out["fast_blas"].startswith("mkl "), out
+
+
+@needs_linux
+def test_too_late_after_mlx_core_changes_nothing():
+    out = run_child("import mlx.core, json\nimport loreft\nout = {}")
+    assert out == {"fast_blas": None, "mapped": False}
+
+
+FORWARD_GRAD = """
+import loreft
+import json, sys
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+model, _ = load(sys.argv[1])
+tokens = mx.array(np.random.default_rng(0).integers(0, 200, size=(2, 24)))
+
+def loss_fn(model):
+    logits = model(tokens[:, :-1])
+    return nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="mean")
+
+loss, grads = nn.value_and_grad(model, loss_fn)(model)
+out = {"loss": float(loss), "logits": np.array(model(tokens[:, :-1])[0, -1]).tolist(),
+       "grads": {k: float(mx.linalg.norm(g)) for k, g in tree_flatten(grads)}}
+"""
+
+
+@needs_mkl
+def test_mlx_lm_forward_and_grad_match_stock_blas(tmp_path):
+    """The same tiny llama gives the same loss, logits and gradient norms with MKL as with MLX's own BLAS."""
+    build = "import loreft, json, sys\nfrom loreft.demo import build_tiny_model\n" \
+            "build_tiny_model(sys.argv[1], hidden_size=64, num_layers=2, intermediate_size=128)\nout = {}"
+    run_child(build, str(tmp_path))
+    fast = run_child(FORWARD_GRAD, str(tmp_path))
+    stock = run_child(FORWARD_GRAD, str(tmp_path), LOREFT_NO_FAST_BLAS="1")
+    assert fast["mapped"] and not stock["mapped"]
+    assert abs(fast["loss"] - stock["loss"]) < 1e-5 * abs(stock["loss"])
+    assert max(abs(f - s) for f, s in zip(fast["logits"], stock["logits"])) < 1e-4
+    assert fast["grads"].keys() == stock["grads"].keys() and len(fast["grads"]) > 10
+    for name, norm in stock["grads"].items():
+        assert abs(fast["grads"][name] - norm) <= 1e-4 * norm + 1e-7, name
+

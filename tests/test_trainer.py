@@ -1,0 +1,240 @@
+"""The training engine: loss, supervision mask, schedule, resume, NaN, stop, seeds, files beside the adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from loreft import ReftConfig, TrainConfig, attach, load_adapter
+from loreft.data import Formatter, collate, pad_id_for, tokenize_rows
+from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
+from loreft.positions import Locations
+from loreft.reporting import Callback
+from loreft.trainer import NonFiniteLossError, completion_loss, make_optimizer, train
+
+REFT = ReftConfig(layers="1;2", rank=2, positions="f1+l1", seed=0)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir):
+    _, tok = mlx_lm.load(str(tiny_model_dir))
+    fmt = Formatter(tok, prompt_template=DEMO_PROMPT_TEMPLATE, completion_template=DEMO_COMPLETION_TEMPLATE)
+    ex, _ = tokenize_rows(DEMO_ROWS, fmt, tok, 128)
+    return ex, pad_id_for(tok)
+
+
+def fresh(tiny_model_dir, cfg=REFT):
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    return attach(model, cfg)
+
+
+def cfg(**kw):
+    base = dict(learning_rate=1e-2, batch_size=4, epochs=3, steps_per_report=1, steps_per_eval=0, warmup_ratio=0.0, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(history):
+    return [r["loss"] for r in history if r["kind"] == "train"]
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.reports, self.evals, self.start, self.end = [], [], None, None
+
+    def on_train_start(self, info):
+        self.start = info
+
+    def on_report(self, m):
+        self.reports.append(m)
+
+    def on_eval(self, m):
+        self.evals.append(m)
+
+    def on_end(self, s):
+        self.end = s
+
+
+def test_completion_loss_supervises_completion_tokens_only(tiny_model_dir, examples):
+    ex, pad = examples
+    reft = fresh(tiny_model_dir)
+    batch = collate(ex[:3], pad_id=pad, pad_to=32)
+    tokens, mask = mx.array(batch.tokens), mx.array(batch.loss_mask())
+    reft.set_locations(reft.locations(batch.prompt_lengths))
+    total, n = completion_loss(reft.model, tokens, mask)
+    logits = np.array(reft.model(tokens[:, :-1]), dtype=np.float64)
+    # independent float64 cross-entropy over exactly the completion targets (EOS included)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected, count = 0.0, 0
+    for b in range(3):
+        p, length = batch.prompt_lengths[b], batch.lengths[b]
+        for t in range(p - 1, length - 1):  # target t+1 runs over the completion
+            expected -= logp[b, t, batch.tokens[b, t + 1]]
+            count += 1
+    assert int(n.item()) == count == sum(len(e.completion) for e in ex[:3])
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    # a prompt token's label never counts: changing a prompt target (same inputs) leaves the loss unchanged
+    changed = np.array(batch.tokens)
+    changed[0, 1] = (changed[0, 1] + 7) % 100
+    logits2 = reft.model(mx.array(changed)[:, :-1])  # only the label of position 0 and later inputs change...
+    # ...so compare the masked loss computed from the original logits with a relabelled prompt target
+    ce_orig = completion_loss(reft.model, tokens, mask)[0].item()
+    targets = np.array(batch.tokens)[:, 1:].copy()
+    targets[0, 0] = (targets[0, 0] + 7) % 100  # label of prompt position 0
+    import mlx.nn as nn
+
+    relabelled = (nn.losses.cross_entropy(reft.model(tokens[:, :-1]), mx.array(targets)) * mask).sum().item()
+    assert relabelled == pytest.approx(ce_orig, rel=1e-6)
+    assert logits2.shape == logits.shape
+    # padding: replacing pad ids by other tokens changes nothing (right padding, causal model, masked targets)
+    noisy = np.array(batch.tokens)
+    for b in range(3):
+        noisy[b, batch.lengths[b]:] = 5
+    assert completion_loss(reft.model, mx.array(noisy), mask)[0].item() == pytest.approx(total.item(), rel=1e-6)
+    reft.set_locations(None)
+
+
+def test_loss_falls_on_memorizable_data_and_files_are_written(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+    reft = fresh(tiny_model_dir, ReftConfig(layers="all", rank=4, positions="f1+l1", seed=0))
+    rec = Recorder()
+    out = tmp_path / "adapter"
+    summary = train(reft, ex, ex[:4], cfg(epochs=25, learning_rate=2e-2, steps_per_report=5), out, callbacks=[rec], pad_id=pad, test_set=ex[4:8])
+    first, last = rec.reports[0]["loss"], rec.reports[-1]["loss"]
+    assert last < 0.75 * first, (first, last)  # a random tiny base model: ReFT lowers the loss, it cannot memorize
+    assert rec.start["trainable"] == summary["trainable"] == sum(v.size for v in reft.parameters().values())
+    assert [e["split"] for e in rec.evals] == ["valid", "test"]
+    assert summary["valid"]["perplexity"] == pytest.approx(math.exp(summary["valid"]["loss"]))
+    assert rec.reports[-1]["progress"] == 1.0 and rec.reports[-1]["eta_s"] == 0
+    assert all(r["tokens_per_sec"] > 0 for r in rec.reports)
+    for name in ("reft_config.json", "adapter.safetensors", "training_args.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if r["kind"] == "train"] == [r["loss"] for r in rec.reports]
+    assert json.loads((out / "training_args.json").read_text())["train"]["epochs"] == 25
+    # the saved adapter reproduces the trained model exactly
+    model2, _ = mlx_lm.load(str(tiny_model_dir))
+    reft2 = load_adapter(model2, out)
+    x = mx.array([ex[0].prompt + ex[0].completion])
+    for r in (reft, reft2):
+        r.model.eval()
+        r.set_locations(r.locations([len(ex[0].prompt)]))
+    assert np.array_equal(np.array(reft.model(x)), np.array(reft2.model(x)))
+    assert reft.max_orthogonality_error() < 1e-5
+
+
+def test_same_seed_same_run_and_other_seed_differs(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+    runs = []
+    for i, seed in enumerate((0, 0, 1)):
+        reft = fresh(tiny_model_dir, ReftConfig(layers="1;2", rank=2, positions="f1+l1", seed=seed))
+        runs.append(losses(train(reft, ex, None, cfg(seed=seed), tmp_path / str(i), pad_id=pad) and
+                           [json.loads(l) for l in (tmp_path / str(i) / "metrics.jsonl").read_text().splitlines()]))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_resume_equals_uninterrupted_run(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+    config = cfg(epochs=4, save_every=3, grad_accumulation_steps=1, lr_schedule="cosine", warmup_ratio=0.2)
+    full = train(fresh(tiny_model_dir), ex, None, config, tmp_path / "full", pad_id=pad)
+
+    class StopAt(Callback):
+        def __init__(self, n):
+            self.n, self.step = n, 0
+
+        def on_step(self, step, total):
+            self.step = step
+
+        def should_stop(self):
+            return self.step >= self.n
+
+    part = train(fresh(tiny_model_dir), ex, None, config, tmp_path / "run", pad_id=pad, callbacks=[StopAt(7)])
+    assert part["stopped"] and part["steps"] == 7
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000006"
+    assert ckpt.is_dir()
+    resumed = train(fresh(tiny_model_dir), ex, None, config, tmp_path / "run", pad_id=pad, resume_from=ckpt)
+    assert resumed["steps"] == full["steps"] == 12
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-5)
+    a = mx.load(str(tmp_path / "full" / "adapter.safetensors"))
+    b = mx.load(str(tmp_path / "run" / "adapter.safetensors"))
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+
+
+def test_stop_request_saves_a_loadable_adapter(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+
+    class StopNow(Callback):
+        def should_stop(self):
+            return True
+
+    summary = train(fresh(tiny_model_dir), ex, None, cfg(epochs=10), tmp_path / "a", pad_id=pad, callbacks=[StopNow()])
+    assert summary["stopped"] and summary["steps"] == 1
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    reft = load_adapter(model, tmp_path / "a")
+    assert set(reft.parameters()) == set(fresh(tiny_model_dir).parameters())
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+    reft = fresh(tiny_model_dir)
+
+    class Poison(Callback):
+        def on_step(self, step, total):
+            if step == 3:  # corrupt the weights after step 3 (as a bad update would): step 4's loss is NaN
+                iv = next(iter(reft.interventions().values()))
+                iv.weight = mx.full(iv.weight.shape, float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4.*step-0000002"):
+        train(reft, ex, None, cfg(epochs=10, save_every=2), tmp_path / "a", pad_id=pad, callbacks=[Poison()])
+    good = mx.load(str(tmp_path / "a" / "checkpoints" / "step-0000002" / "adapter.safetensors"))
+    assert all(np.isfinite(np.array(v)).all() for v in good.values())
+    assert not (tmp_path / "a" / "adapter.safetensors").exists()  # no final adapter made of NaNs
+    assert not (tmp_path / "a" / "checkpoints" / "step-0000004").exists()
+
+
+def test_bad_update_is_never_checkpointed(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+    reft = fresh(tiny_model_dir)
+
+    class Poison(Callback):  # the weights go bad right before a checkpoint is due
+        def on_step(self, step, total):
+            if step == 4:
+                iv = next(iter(reft.interventions().values()))
+                iv.bias = mx.full(iv.bias.shape, float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match=r"weights became non-finite at step 4.*step-0000002"):
+        train(reft, ex, None, cfg(epochs=10, save_every=2), tmp_path / "a", pad_id=pad, callbacks=[Poison()])
+    assert not (tmp_path / "a" / "checkpoints" / "step-0000004").exists()
+
+
+def test_schedule_warmup_then_linear_decay():
+    opt = make_optimizer(TrainConfig(learning_rate=1.0, warmup_ratio=0.2, lr_schedule="linear", epochs=1), 10)
+    sched = opt._schedulers["learning_rate"]
+    values = [float(sched(mx.array(s)).item()) for s in range(10)]
+    # independent formula: 2 warmup updates ramp to 1.0, then 8 updates fall linearly from 1.0 to 0
+    expected = [0.5, 1.0] + [1.0 - i / 8 for i in range(8)]
+    assert np.allclose(values, expected, atol=1e-6)
+
+
+def test_grad_accumulation_matches_large_batch(tiny_model_dir, tmp_path):
+    # rows of equal length: each micro-batch has the same number of targets, so mean-of-means = global mean
+    rows = [{"p": [1, 2, 3, 4], "c": [5 + i % 3, 6, 2]} for i in range(8)]
+    from loreft.data import Example
+
+    ex = [Example(prompt=r["p"], completion=r["c"]) for r in rows]
+    big = train(fresh(tiny_model_dir), ex, None, cfg(batch_size=8, epochs=3), tmp_path / "big")
+    small = train(fresh(tiny_model_dir), ex, None, cfg(batch_size=4, grad_accumulation_steps=2, epochs=3, learning_rate=1e-2), tmp_path / "small")
+    a = mx.load(str(tmp_path / "big" / "adapter.safetensors"))
+    b = mx.load(str(tmp_path / "small" / "adapter.safetensors"))
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+    assert big["steps"] * 2 == small["steps"]
