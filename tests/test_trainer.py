@@ -238,3 +238,26 @@ def test_grad_accumulation_matches_large_batch(tiny_model_dir, tmp_path):
     for k in a:
         assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
     assert big["steps"] * 2 == small["steps"]
+
+
+def test_mixed_precision_keeps_interventions_and_optimizer_in_float32(tiny_model_dir, examples, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from loreft.job import load_model
+    from loreft.trainer import resolve_dtype
+
+    assert resolve_dtype("auto") == (mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32)
+    ex, pad = examples
+    model, _ = load_model(str(tiny_model_dir), "bfloat16")
+    reft = attach(model, REFT)
+    base = [v.dtype for k, v in tree_flatten(model.parameters()) if "interventions" not in k]
+    assert set(base) == {mx.bfloat16}
+    summary = train(reft, ex, None, cfg(epochs=1), tmp_path / "a", pad_id=pad)
+    assert math.isfinite(summary["train_loss"])
+    assert {v.dtype for v in reft.parameters().values()} == {mx.float32}
+    saved = mx.load(str(tmp_path / "a" / "adapter.safetensors"))
+    assert {v.dtype for v in saved.values()} == {mx.float32}
+    # the edit is computed in float32 and cast back: block outputs stay bfloat16
+    x = mx.array([ex[0].prompt])
+    reft.set_locations(reft.locations([len(ex[0].prompt)]))
+    assert model(x).dtype == mx.bfloat16
