@@ -151,7 +151,7 @@ ALPACA_PROMPT_TEMPLATE = (
 ALPACA_COMPLETION_TEMPLATE = "{{ output }}"
 
 
-def _jinja_env():
+def jinja_env():
     from jinja2 import StrictUndefined
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -178,7 +178,7 @@ class Formatter:
         self.prompt_column = prompt_column
         self.completion_column = completion_column
         self.mode: str | None = None  # 'chat' | 'template' | 'plain', set by check()
-        self._env = _jinja_env()
+        self._env = jinja_env()
         self._compiled: dict[str, Any] = {}
         for side in ("prompt", "completion"):
             self._compile(side, getattr(self, f"{side}_template"))
@@ -315,6 +315,15 @@ def _columns(rows) -> list[str]:
     return list(rows[0]) if len(rows) else []
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt text -> ids: the tokenizer's own special tokens (e.g. BOS), one BOS at most."""
+    ids = list(tokenizer.encode(text))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]  # a chat template that writes BOS itself, plus the tokenizer's BOS
+    return ids
+
+
 def tokenize_rows(
     rows, formatter: Formatter, tokenizer, max_seq_length: int, truncation: str = "left", split: str = "train"
 ) -> tuple[list[Example], dict]:
@@ -341,9 +350,7 @@ def tokenize_rows(
             raise DataError(f"{split} row {i}: {e}") from e
         if not completion_text.strip():
             raise DataError(f"{split} row {i} has an empty completion; every row needs text to learn")
-        prompt = list(tokenizer.encode(prompt_text))  # the tokenizer's own special tokens (e.g. BOS)
-        if bos is not None and prompt[:2] == [bos, bos]:
-            prompt = prompt[1:]  # a chat template that writes BOS itself, plus the tokenizer's BOS
+        prompt = encode_prompt(tokenizer, prompt_text)
         completion = list(tokenizer.encode(completion_text, add_special_tokens=False))
         if not completion or completion[-1] != eos:
             completion.append(eos)

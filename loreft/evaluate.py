@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import string
@@ -12,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError
-from .data import Example, Formatter, iterate_batches, pad_id_for, tokenize_rows
-from .generate import batch_generate, editing
+from .data import Example, Formatter, pad_id_for, tokenize_rows
+from .generate import batch_generate
 from .model import Reft
-from .trainer import PAD_TO, completion_loss, evaluate_loss
+from .trainer import evaluate_loss
 
 EVAL_FILE = "eval.json"
 EXTRA_TOKENS = 8  # generation budget past the reference's length, so a correct answer can still end (EOS)
@@ -49,22 +47,6 @@ def normalized_match(prediction: str, reference: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # Loss
-
-
-def base_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int = 0) -> dict:
-    """Completion-token loss and perplexity of the model as it is (no interventions edit anything)."""
-    was_training = model.training
-    model.eval()
-    total, count = mx.array(0.0), mx.array(0.0)
-    try:
-        for batch in iterate_batches(examples, batch_size, shuffle=False, pad_id=pad_id, pad_to=PAD_TO):
-            s, n = completion_loss(model, mx.array(batch.tokens), mx.array(batch.loss_mask()))
-            total, count = total + s, count + n
-            mx.async_eval(total, count)
-    finally:
-        model.train(was_training)
-    loss = (total / mx.maximum(count, 1)).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count.item())}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,11 +150,7 @@ def evaluate(
     predictions: dict[str, list[str]] = {}
     tic = time.perf_counter()
     for name, edit in modes:
-        if edit:
-            metrics = evaluate_loss(reft, examples, batch_size, pad_id)
-        else:
-            with editing(model, reft, None):  # the interventions stay attached but edit nothing
-                metrics = base_loss(model, examples, batch_size, pad_id)
+        metrics = evaluate_loss(model, examples, batch_size, reft=reft if edit else None, pad_id=pad_id)
         result["target_tokens"] = metrics.pop("tokens")
         if generate:
             ids = generate_all(

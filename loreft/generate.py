@@ -18,6 +18,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .config import ConfigError
+from .data import encode_prompt
 from .model import Reft
 from .positions import Locations
 
@@ -51,7 +52,7 @@ def render_prompt_template(template: str, text: str) -> str:
     The text fills 'instruction' or 'prompt' when the template reads one of them, else the template's
     first variable; every other variable is empty (so Alpaca's optional {% if input %} block drops out).
     """
-    from .data import _jinja_env  # the environment training rendered rows with
+    from .data import jinja_env  # the environment training rendered rows with
 
     names = template_variables(template)
     if not names:
@@ -59,11 +60,11 @@ def render_prompt_template(template: str, text: str) -> str:
     target = next((v for v in PROMPT_VARIABLES if v in names), names[0])
     row = {name: "" for name in names}
     row[target] = text
-    return _jinja_env().from_string(template).render(row)
+    return jinja_env().from_string(template).render(row)
 
 
 def format_prompt(tokenizer, text: str, formatting: dict | None = None) -> str:
-    """The prompt as the adapter saw prompts in training: its prompt template, then its chat template.
+    """The prompt as the adapter saw prompts in training: its prompt template or its chat template.
 
     formatting is reft_config.json's "formatting": {"prompt_template": str | None, "chat": bool}.
     None (or {}) means raw text. chat wins over a template, as in data.Formatter's chat mode: the text
@@ -83,15 +84,6 @@ def format_prompt(tokenizer, text: str, formatting: dict | None = None) -> str:
             raise ConfigError("formatting.chat", chat, "the adapter was trained with a chat template, but this tokenizer has none")
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     return render_prompt_template(template, text) if template else text
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt text -> ids as training tokenized prompts: the tokenizer's own special tokens, one BOS at most."""
-    ids = list(tokenizer.encode(text))
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and ids[:2] == [bos, bos]:
-        ids = ids[1:]  # a chat template that writes BOS itself, plus the tokenizer's BOS
-    return ids
 
 
 # ---------------------------------------------------------------------------------------------------

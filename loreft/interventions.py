@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,18 +24,44 @@ def orthonormalize(a: mx.array) -> mx.array:
     """Orthonormal columns spanning a (d, r) matrix's columns: classical Gram-Schmidt run twice.
 
     Differentiable (plain ops, no QR), r sequential steps of O(d r) work; exact to float32 rounding,
-    and the identity on a matrix whose columns are already orthonormal.
+    and the identity on a matrix whose columns are already orthonormal. A batch (..., d, r) is
+    orthonormalized matrix by matrix in the same r steps (one pass for many interventions).
     """
     a = a.astype(mx.float32)
     cols: list[mx.array] = []
-    for j in range(a.shape[1]):
-        v = a[:, j]
+    for v in mx.split(a, a.shape[-1], axis=-1):  # columns (..., d, 1), in order
         if cols:
-            q = mx.stack(cols, axis=1)
-            v = v - q @ (q.T @ v)
-            v = v - q @ (q.T @ v)  # second pass: "twice is enough" for float32 orthogonality
-        cols.append(v / mx.sqrt(mx.sum(v * v)))
-    return mx.stack(cols, axis=1)
+            q = mx.concatenate(cols, axis=-1)
+            qt = mx.swapaxes(q, -1, -2)
+            v = v - q @ (qt @ v)
+            v = v - q @ (qt @ v)  # second pass: "twice is enough" for float32 orthogonality
+        cols.append(v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True)))
+    return mx.concatenate(cols, axis=-1)
+
+
+@contextlib.contextmanager
+def batched_rotations(interventions: Iterable["Intervention"]):
+    """Within the block, every R comes from one batched Gram-Schmidt pass over all the interventions.
+
+    A training step then orthonormalizes all of them in r steps of a few batched ops, instead of r steps
+    per intervention per call: on a GPU that is thousands of tiny kernels fewer. Same values as
+    orthonormalize(rotation); the gradient reaches every `rotation` through the stack.
+    """
+    by_shape: dict[tuple, list] = {}
+    for iv in interventions:
+        if iv.has_rotation:
+            by_shape.setdefault(tuple(iv.rotation.shape), []).append(iv)
+    done = []
+    try:
+        for ivs in by_shape.values():
+            rs = orthonormalize(mx.stack([iv.rotation for iv in ivs]))
+            for iv, r in zip(ivs, mx.split(rs, len(ivs), axis=0)):
+                object.__setattr__(iv, "_cached_rotation", r.squeeze(0))  # a plain attribute: never a parameter
+                done.append(iv)
+        yield
+    finally:
+        for iv in done:
+            iv.__dict__.pop("_cached_rotation", None)
 
 
 def _uniform(key: mx.array, shape: tuple[int, ...], bound: float) -> mx.array:
@@ -70,7 +98,8 @@ class Intervention(nn.Module):
 
     def rotation_matrix(self) -> mx.array:
         """The effective orthonormal R, stored (d, r) as pyreft does."""
-        return orthonormalize(self.rotation)
+        cached = self.__dict__.get("_cached_rotation")  # set by batched_rotations
+        return orthonormalize(self.rotation) if cached is None else cached
 
 
 class LoreftIntervention(Intervention):

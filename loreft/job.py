@@ -201,7 +201,9 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
         if stats["truncated"] or stats["dropped"]:
             log(f"{name}: {stats['truncated']} rows truncated, {stats['dropped']} dropped (max_seq_length={job.train.max_seq_length})")
     reft = attach(model, job.reft)
-    extra = {"formatting": {**job.formatting, "chat": formatter.uses_chat_template}}
+    # what training really used (auto-detection may have chosen a template), so generation formats alike
+    extra = {"formatting": {"prompt_template": formatter.prompt_template, "completion_template": formatter.completion_template,
+                            "chat_column": formatter.chat_column, "chat": formatter.uses_chat_template}}
     return train(
         reft, examples["train"], examples.get("valid"), job.train, job.adapter_dir,
         callbacks=callbacks, test_set=examples.get("test"), pad_id=D.pad_id_for(tokenizer),

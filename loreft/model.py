@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ReftConfig, parse_layers
+from .config import ReftConfig, parse_layers
 from .interventions import Intervention, make_intervention
 from .positions import Locations, group_names, prompt_locations
 
@@ -17,13 +17,21 @@ class _Context:
     """Per-call state shared by every wrapped block; a plain object, so never a model parameter."""
 
     def __init__(self):
-        self.locations: Locations | None = None
+        self._locations: Locations | None = None
+        self.seen: dict[int, int] = {}  # tokens each block has processed, for caches without an offset
+
+    @property
+    def locations(self) -> Locations | None:
+        return self._locations
+
+    @locations.setter
+    def locations(self, value: Locations | None) -> None:
+        self._locations = value
+        self.seen = {}
 
 
-def _cache_offset(args: tuple, kwargs: dict) -> int | mx.array:
-    """Absolute position of this call's first token: the KV cache's offset (0 without a cache)."""
-    cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-    return getattr(cache, "offset", 0) if cache is not None else 0
+def _cache_of(args: tuple, kwargs: dict):
+    return kwargs.get("cache", args[1] if len(args) > 1 else None)
 
 
 class ReftBlock(nn.Module):
@@ -46,7 +54,13 @@ class ReftBlock(nn.Module):
             return getattr(block, key)
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
-        offset = _cache_offset(args, kwargs)
+        # absolute position of this call's first token: the KV cache's offset (0 without a cache); caches
+        # that keep none (SSM state in hybrid models) are counted here, per block, since set_locations
+        cache = _cache_of(args, kwargs)
+        offset = 0 if cache is None else getattr(cache, "offset", None)
+        if offset is None:
+            offset = self._context.seen.get(id(self), 0)
+            self._context.seen[id(self)] = offset + x.shape[1]
         h = self.block(x, *args, **kwargs)
         locations = self._context.locations
         if locations is None or (isinstance(offset, int) and offset >= locations.end):
@@ -55,20 +69,30 @@ class ReftBlock(nn.Module):
 
 
 def apply_interventions(h: mx.array, interventions: dict, locations: Locations, offset=0) -> mx.array:
-    """Edit h (B, L, d) at each group's positions (absolute, shifted by the cache offset)."""
+    """Edit h (B, L, d) at each group's positions (absolute, shifted by the cache offset).
+
+    One gather and one scatter for all the groups (their valid positions never overlap: first and last
+    are clamped apart), each group's intervention on its own slice of the gathered rows.
+    """
     B, L, _ = h.shape
-    rows = mx.arange(B)[:, None]
     if isinstance(offset, mx.array) and offset.ndim == 1:
         offset = offset[:, None]  # batched caches (mlx-lm BatchKVCache) keep one offset per row
-    for name, intervention in interventions.items():
-        idx, valid = locations.groups[name]
-        local = idx - offset
-        valid = valid * ((local >= 0) & (local < L))
-        local = mx.clip(local, 0, L - 1)
-        picked = mx.take_along_axis(h, local[..., None], axis=1)  # (B, n, d): only the edited slots
-        delta = (intervention(picked).astype(mx.float32) - picked.astype(mx.float32)) * valid[..., None]
-        h = h.at[rows, local].add(delta.astype(h.dtype))
-    return h
+    names = list(interventions)
+    groups = [locations.groups[n] for n in names]
+    idx = groups[0][0] if len(groups) == 1 else mx.concatenate([g[0] for g in groups], axis=1)
+    valid = groups[0][1] if len(groups) == 1 else mx.concatenate([g[1] for g in groups], axis=1)
+    local = idx - offset
+    valid = valid * ((local >= 0) & (local < L))
+    local = mx.clip(local, 0, L - 1)
+    picked = mx.take_along_axis(h, local[..., None], axis=1)  # (B, n, d): only the edited slots
+    edited, start = [], 0
+    for name, (group_idx, _) in zip(names, groups):
+        stop = start + group_idx.shape[1]
+        edited.append(interventions[name](picked[:, start:stop]))
+        start = stop
+    edited = edited[0] if len(edited) == 1 else mx.concatenate(edited, axis=1)
+    delta = (edited.astype(mx.float32) - picked.astype(mx.float32)) * valid[..., None]
+    return h.at[mx.arange(B)[:, None], local].add(delta.astype(h.dtype))
 
 
 def model_dims(model: nn.Module) -> tuple[int, int]:

@@ -54,10 +54,10 @@ def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.
 
 
 def evaluate_loss(
-    reft: Reft, examples: Sequence[Example], batch_size: int, pad_id: int = 0, max_batches: int = 0
+    model: nn.Module, examples: Sequence[Example], batch_size: int, *, reft: Reft | None = None, pad_id: int = 0,
+    max_batches: int = 0,
 ) -> dict:
-    """Completion-token loss and perplexity of the model with its interventions (eval mode)."""
-    model = reft.model
+    """Completion-token loss and perplexity in eval mode; the interventions edit when reft is given."""
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
@@ -69,13 +69,15 @@ def evaluate_loss(
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            tokens, mask, locs = batch_arrays(reft, batch)
-            reft.set_locations(Locations.from_arrays(reft.groups, locs))
+            tokens, mask = mx.array(batch.tokens), mx.array(batch.loss_mask())
+            if reft is not None:
+                reft.set_locations(reft.locations(batch.prompt_lengths))
             s, n = completion_loss(model, tokens, mask)
             total, count = total + s, count + n
             mx.async_eval(total, count)  # queue this batch while the next one is prepared
     finally:
-        reft.set_locations(None)
+        if reft is not None:
+            reft.set_locations(None)
         model.train(was_training)
     total, count = _sum_across_ranks(total), _sum_across_ranks(count)
     loss = (total / mx.maximum(count, 1)).item()
@@ -290,7 +292,8 @@ def train(
         return save_adapter(reft, path, write_extras=extras, keep=(CHECKPOINTS,), **adapter_kw) if is_main else path
 
     def run_eval(step: int, split: str, examples) -> dict:
-        m = evaluate_loss(reft, examples, cfg.batch_size, pad_id, cfg.max_eval_batches if split == "valid" else 0)
+        m = evaluate_loss(model, examples, cfg.batch_size, reft=reft, pad_id=pad_id,
+                          max_batches=cfg.max_eval_batches if split == "valid" else 0)
         row = {"kind": "eval", "split": split, "step": step, **m}
         history.append(row)
         for cb in callbacks:

@@ -1,6 +1,5 @@
 """attach() on every model family mlx-lm ships that ReFT targets: freezing, exact counts, exact no-op, causality, KV-cache decoding."""
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -171,3 +170,34 @@ def test_dropout_is_off_on_an_eval_model_and_on_in_train_mode(folders):
     mx.random.seed(0)
     a, b = np.array(model(x)), np.array(model(x))
     assert not np.array_equal(a, b)  # train: a fresh mask each call
+
+
+def test_cache_without_offset_is_counted_per_block(tmp_path):
+    """A block whose cache keeps no offset (an SSM state): the prompt edit must not repeat at decode steps."""
+    import mlx.nn as nn
+
+    from loreft.model import ReftBlock
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=D, num_layers=2, num_heads=HEADS, intermediate_size=64)
+    model, _ = load(str(path))
+    reft = attach(model, ReftConfig(layers="0", rank=2, positions="l1", seed=1))
+    block = model.layers[0]
+    assert isinstance(block, ReftBlock)
+
+    class StatefulBlock(nn.Module):  # stands for a recurrent block: output = input, cache keeps no offset
+        def __call__(self, x, mask=None, cache=None):
+            return x
+
+    class NoOffsetCache:
+        pass
+
+    block.block = StatefulBlock()
+    x = mx.random.normal((1, 5, D))
+    reft.set_locations(reft.locations([5]))
+    edited = block(x, None, NoOffsetCache())
+    changed = np.abs(np.array(edited - x)).max(axis=-1)[0]
+    assert changed[4] > 1e-4 and (changed[:4] == 0).all()  # only the last prompt token
+    step = mx.random.normal((1, 1, D))
+    assert mx.array_equal(block(step, None, NoOffsetCache()), step)  # decode step: position 5, no edit
+    reft.set_locations(reft.locations([5]))  # a new prompt counts from 0 again
+    assert mx.array_equal(block(x, None, NoOffsetCache()), edited)

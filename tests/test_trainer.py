@@ -13,7 +13,6 @@ import pytest
 from loreft import ReftConfig, TrainConfig, attach, load_adapter
 from loreft.data import Formatter, collate, pad_id_for, tokenize_rows
 from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
-from loreft.positions import Locations
 from loreft.reporting import Callback
 from loreft.trainer import NonFiniteLossError, completion_loss, make_optimizer, train
 
