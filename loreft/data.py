@@ -148,6 +148,7 @@ def load_splits(
 ALPACA_PROMPT_TEMPLATE = (
     "### Instruction:\n{{ instruction }}\n\n{% if input %}### Input:\n{{ input }}\n\n{% endif %}### Response:\n"
 )
+ALPACA_NO_INPUT_TEMPLATE = "### Instruction:\n{{ instruction }}\n\n### Response:\n"  # data without an input column
 ALPACA_COMPLETION_TEMPLATE = "{{ output }}"
 
 
@@ -213,8 +214,9 @@ class Formatter:
             self.mode = "plain"
         elif "instruction" in columns and "output" in columns:
             self.mode = "template"
-            self.prompt_template, self.completion_template = ALPACA_PROMPT_TEMPLATE, ALPACA_COMPLETION_TEMPLATE
-            self._compile("prompt", ALPACA_PROMPT_TEMPLATE)
+            prompt = ALPACA_PROMPT_TEMPLATE if "input" in columns else ALPACA_NO_INPUT_TEMPLATE
+            self.prompt_template, self.completion_template = prompt, ALPACA_COMPLETION_TEMPLATE
+            self._compile("prompt", prompt)
             self._compile("completion", ALPACA_COMPLETION_TEMPLATE)
         else:
             raise DataError(

@@ -32,9 +32,9 @@ def orthonormalize(a: mx.array) -> mx.array:
     for v in mx.split(a, a.shape[-1], axis=-1):  # columns (..., d, 1), in order
         if cols:
             q = mx.concatenate(cols, axis=-1)
-            qt = mx.swapaxes(q, -1, -2)
-            v = v - q @ (qt @ v)
-            v = v - q @ (qt @ v)  # second pass: "twice is enough" for float32 orthogonality
+            for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
+                # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
+                v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
         cols.append(v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True)))
     return mx.concatenate(cols, axis=-1)
 

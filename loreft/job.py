@@ -182,6 +182,10 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     from .model import attach
     from .trainer import latest_checkpoint, train
 
+    import mlx.core as mx
+
+    if mx.distributed.init().rank() != 0:
+        log = lambda *args, **kwargs: None  # noqa: E731  (one voice under mlx.launch: rank 0's)
     if splits is None:
         splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed)
     formatter = D.Formatter(None, **job.formatting)

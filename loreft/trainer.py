@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from functools import partial
 from itertools import accumulate
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -19,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from .adapter import WEIGHTS_FILE, save_adapter
 from .config import TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
+from .interventions import batched_rotations
 from .model import Reft
 from .positions import Locations
 from .reporting import Callback, plot_loss, write_metrics
@@ -40,17 +40,77 @@ def resolve_dtype(name: str) -> mx.Dtype:
     return getattr(mx, name)
 
 
-def completion_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """(sum of next-token cross-entropy over the masked targets, number of targets)."""
-    logits = model(tokens[:, :-1])
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:]) * mask
-    return ce.sum(), mask.sum()
+def completion_loss(
+    model: nn.Module, tokens: mx.array, mask: mx.array, picks: mx.array | None = None, head=None
+) -> tuple[mx.array, mx.array]:
+    """(sum of next-token cross-entropy over the masked targets, number of targets).
+
+    With picks (supervised_positions of the mask) and head (output_head of the model), the LM head runs
+    only at the picked positions: the same loss, without the vocabulary-sized logits of unsupervised ones.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if picks is None or head is None:
+        logits = model(inputs)
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
+        return ce.sum(), mask.sum()
+    body, lm_head = head
+    hidden = body(inputs)
+    hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), picks, axis=0)  # (n_picks, d)
+    ce = nn.losses.cross_entropy(lm_head(hidden).astype(mx.float32), targets.reshape(-1)[picks])
+    return (ce * mask.reshape(-1)[picks]).sum(), mask.sum()
 
 
-def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array]]:
-    """Device arrays for one batch: tokens, loss mask, and the intervention locations."""
+def output_head(model: nn.Module):
+    """(body, head) with model(x) == head(body(x)), checked on a few tokens; None where unsure.
+
+    Covers mlx-lm's usual layout: model.model gives the final hidden states, then lm_head or the tied
+    embedding (embed_tokens.as_linear), with gemma-style final logit softcapping. Anything else (an
+    extra scale, a wrapper) fails the check, and the loss then computes full logits as before.
+    """
+    body = getattr(model, "model", None)
+    if not isinstance(body, nn.Module):
+        return None
+    if isinstance(getattr(model, "lm_head", None), nn.Module):
+        head = model.lm_head
+    elif hasattr(getattr(body, "embed_tokens", None), "as_linear"):
+        head = body.embed_tokens.as_linear
+    else:
+        return None
+    cap = getattr(model, "final_logit_softcapping", None) or getattr(getattr(model, "args", None), "final_logit_softcapping", None)
+    if cap:
+        plain = head
+        head = lambda h: mx.tanh(plain(h) / cap) * cap  # noqa: E731
+    try:
+        probe = mx.array([[1, 2, 3, 0, 1]])
+        want, got = model(probe), head(body(probe))
+        same = want.shape == got.shape and mx.allclose(want.astype(mx.float32), got.astype(mx.float32), rtol=1e-5, atol=1e-5).item()
+    except Exception:  # an unusual signature or output: stay on the full-logits path
+        return None
+    return (body, head) if same else None
+
+
+def supervised_positions(mask: np.ndarray) -> np.ndarray | None:
+    """Flat indices of a (B, T) loss mask's supervised targets, for computing logits there only.
+
+    Padded with an unsupervised index (weight 0) to one of a few sizes (1/64 .. 6/8 of B*T), so the compiled
+    step sees few shapes; None when more than 3/4 are supervised (the full logits then cost about the same).
+    """
+    flat = mask.reshape(-1)
+    hits = np.flatnonzero(flat)
+    sizes = [flat.size // 64, flat.size // 32, flat.size // 16] + [flat.size * k // 8 for k in range(1, 7)]
+    size = next((s for s in sizes if s >= max(len(hits), 1)), None)
+    if size is None or len(hits) == flat.size:
+        return None
+    pad = np.full(size - len(hits), np.flatnonzero(flat == 0)[0])
+    return np.concatenate([hits, pad]).astype(np.int32)
+
+
+def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None]:
+    """Device arrays for one batch: tokens, loss mask, the intervention locations, supervised positions."""
     locations = reft.locations(batch.prompt_lengths)
-    return mx.array(batch.tokens), mx.array(batch.loss_mask()), locations.as_arrays()
+    mask = batch.loss_mask()
+    picks = supervised_positions(mask)
+    return mx.array(batch.tokens), mx.array(mask), locations.as_arrays(), None if picks is None else mx.array(picks)
 
 
 def evaluate_loss(
@@ -95,11 +155,14 @@ def _sum_tree_across_ranks(tree):
     flat = [v for _, v in tree_flatten(tree)]
     if mx.distributed.init().size() == 1 or not flat:
         return tree
-    if len({v.dtype for v in flat}) > 1:
-        return tree_map(mx.distributed.all_sum, tree)
-    total = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for v in flat]))
-    parts = iter(mx.split(total, list(accumulate(v.size for v in flat))[:-1]))
-    return tree_map(lambda v: next(parts).reshape(v.shape), tree)  # tree_map visits leaves in tree_flatten order
+    summed = [None] * len(flat)
+    for dtype in dict.fromkeys(v.dtype for v in flat):  # first-seen order: the same on every rank
+        group = [i for i, v in enumerate(flat) if v.dtype == dtype]
+        total = mx.distributed.all_sum(mx.concatenate([flat[i].reshape(-1) for i in group]))
+        for i, part in zip(group, mx.split(total, list(accumulate(flat[i].size for i in group))[:-1])):
+            summed[i] = part.reshape(flat[i].shape)
+    leaves = iter(summed)
+    return tree_map(lambda _: next(leaves), tree)  # tree_map visits leaves in tree_flatten's order
 
 
 def _from_main(tree):
@@ -170,14 +233,17 @@ def _batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: in
                 return
 
 
-def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig):
+def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, compiled: bool = True):
     model = reft.model
     distributed = mx.distributed.init().size() > 1
+    head = output_head(model)  # logits at supervised positions only, where the model's layout allows
+    interventions = list(reft.interventions().values())
 
-    def loss(model, tokens, mask, locs, denominator=None):
+    def loss(model, tokens, mask, locs, picks=None, denominator=None):
         reft.set_locations(Locations.from_arrays(reft.groups, locs))
         try:
-            s, n = completion_loss(model, tokens, mask)
+            with batched_rotations(interventions):  # every R in one batched pass, not one per intervention
+                s, n = completion_loss(model, tokens, mask, picks, head)
         finally:
             reft.set_locations(None)
         # one process: the batch's token mean; distributed: this rank's part of the global batch's token mean
@@ -186,12 +252,11 @@ def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig):
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, mask, locs, prev_grad, do_update):
+    def step(tokens, mask, locs, prev_grad, do_update, picks=None):
         # Ranks hold different numbers of target tokens, so a mean of per-rank means is not the global
         # mean: divide each rank's loss sum by the global count, then add the ranks' gradients.
         denominator = mx.distributed.all_sum(mask.sum()) if distributed else None
-        (value, ntoks), grad = loss_and_grad(model, tokens, mask, locs, denominator)
+        (value, ntoks), grad = loss_and_grad(model, tokens, mask, locs, picks, denominator)
         if distributed:
             value, ntoks = mx.distributed.all_sum(value), denominator  # the global batch's loss on every rank
         if prev_grad is not None:
@@ -206,7 +271,7 @@ def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig):
             grad = None
         return value, ntoks, grad
 
-    return step, state
+    return (mx.compile(step, inputs=state, outputs=state) if compiled else step), state
 
 
 def save_checkpoint(reft: Reft, optimizer: optim.Optimizer, folder: Path, step: int, trainer_state: dict, **adapter_kw) -> Path:
@@ -317,9 +382,9 @@ def train(
         tic = time.perf_counter()
         # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
         mx.random.seed((cfg.seed * 1_000_003 + step) * world.size() + world.rank())
-        tokens, mask, locs = batch_arrays(reft, batch)
+        tokens, mask, locs, picks = batch_arrays(reft, batch)
         do_update = (step + 1) % accum == 0 or step + 1 == total_steps
-        loss, ntoks, grad_accum = step_fn(tokens, mask, locs, grad_accum, do_update)
+        loss, ntoks, grad_accum = step_fn(tokens, mask, locs, grad_accum, do_update, picks)
         mx.async_eval(state, loss, ntoks, grad_accum)
         pending = next(stream, None)  # prepare the next batch on the host while the device works
         loss_value, ntoks_value = loss.item(), int(ntoks.item())

@@ -130,6 +130,10 @@ def test_alpaca_columns_are_detected():
     assert p == "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n" and c == "5"
     p, _ = f({"instruction": "Say hi.", "input": "", "output": "hi"})
     assert p == "### Instruction:\nSay hi.\n\n### Response:\n"
+    # a dataset with no input column at all (the demo's shape) gets the same prompt, no error
+    g = Formatter()
+    g.check(["instruction", "output"])
+    assert g({"instruction": "Say hi.", "output": "hi"}) == ("### Instruction:\nSay hi.\n\n### Response:\n", "hi")
 
 
 def test_chat_mode_uses_the_tokenizers_chat_template(tiny_tokenizer):

@@ -1,0 +1,296 @@
+"""The `loreft` command: train, generate, eval and demo.
+
+    loreft train --model M --data D [--config job.yaml] [--rank 8 ...]   every PARAMETERS entry is a flag
+    loreft generate --adapter A --prompt "..."                            the adapter's base model by default
+    loreft eval --adapter A --data D                                      loss, perplexity, exact match
+    loreft demo                                                           the embedded tiny model, end to end
+
+Configuration errors are reported on one line, naming the parameter, with exit code 2, before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+from .data import DataError
+from .job import PARAMETERS, PARAMS_BY_NAME, job_from_params
+from .reporting import Callback, ProgressBar
+from .trainer import NonFiniteLossError
+
+PROG = "loreft"
+
+
+class StopOnSignal(Callback):
+    """First Ctrl-C (or SIGTERM) asks the trainer to stop at the next step and save; a second one aborts."""
+
+    def __init__(self, signals=(signal.SIGINT,), log=print):
+        self.signals = signals
+        self.log = log
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: give up on a clean stop
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name} received: stopping after this step and saving the adapter "
+                 "(send it again to abort)")
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_start(self, info):
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            self._previous.clear()
+
+    def should_stop(self):
+        return self.requested
+
+    def on_end(self, summary):
+        self._restore()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters as flags and YAML
+
+
+def _flag_help(p) -> str:
+    extra = []
+    if p.enum is not None:
+        extra.append("one of: " + ", ".join(repr(v) if v == "" else str(v) for v in p.enum))
+    if p.default not in (None, ""):
+        extra.append(f"default: {p.default}")
+    return p.help + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def add_parameter_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per PARAMETERS entry (--learning-rate and --learning_rate); unset flags stay None."""
+    groups = {g: parser.add_argument_group(title) for g, title in
+              (("job", "job"), ("reft", "interventions (ReftConfig)"), ("train", "training (TrainConfig)"))}
+    for p in PARAMETERS:
+        names = [f"--{p.name.replace('_', '-')}"] + ([f"--{p.name}"] if "_" in p.name else [])
+        group = groups[p.group]
+        if p.type is bool:
+            group.add_argument(*names, dest=p.name, action=argparse.BooleanOptionalAction, default=None, help=_flag_help(p))
+        else:
+            # values stay strings here: job_from_params coerces them and names the parameter on error
+            group.add_argument(*names, dest=p.name, default=None, metavar=p.type.__name__.upper(), help=_flag_help(p))
+
+
+def read_yaml_params(path: str) -> dict:
+    """A YAML file of `parameter: value` pairs (dashes or underscores in names)."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError("config", path, "no such file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("config", path, f"not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", path, "expected a mapping of parameter: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def params_from_args(args: argparse.Namespace) -> dict:
+    """YAML values first, then every flag given on the command line (flags win)."""
+    params = read_yaml_params(args.config) if args.config else {}
+    params.update({name: getattr(args, name) for name in PARAMS_BY_NAME if getattr(args, name) is not None})
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Validate everything, then load, train and save; one summary line per result."""
+    from .job import run_job
+
+    job = job_from_params(params_from_args(args))  # fails here, before any model or data loads
+    print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
+          f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
+    stop = StopOnSignal()
+    summary = run_job(job, callbacks=[ProgressBar(), stop])
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The run's result in a few lines."""
+    state = "stopped early" if summary.get("stopped") else "done"
+    print(f"Training {state}: step {summary['steps']}/{summary['total_steps']}, "
+          f"{summary['train_time_s']:.1f}s, train loss {_fmt(summary.get('train_loss'))}")
+    for split in ("valid", "test"):
+        m = summary.get(split)
+        if m:
+            print(f"{split}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
+    print(f"Trainable parameters: {summary['trainable']:,} of {summary['total_parameters']:,} "
+          f"({100 * summary['trainable'] / max(summary['total_parameters'], 1):.4f}%)")
+    print(f"Adapter saved to {summary['adapter']}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _load_with_adapter(adapter: str, model: str | None, dtype: str):
+    """(model, tokenizer, reft, adapter metadata): the base model is the adapter's own unless given."""
+    from .adapter import load_adapter, read_adapter_config
+    from .job import load_model
+
+    meta = read_adapter_config(adapter)
+    name = model or meta.get("base_model")
+    if not name:
+        raise ConfigError("model", name, "the adapter does not record its base model; pass --model")
+    base, tokenizer = load_model(name, dtype)
+    return base, tokenizer, load_adapter(base, adapter), meta
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a completion for each prompt, formatted as the adapter's training prompts were."""
+    from .generate import format_prompt, stream_generate
+
+    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
+    formatting = None if args.raw else meta.get("formatting")
+    options = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p, "seed": args.seed}
+    for text in args.prompt:
+        prompt = format_prompt(tokenizer, text, formatting)
+        runs = [("base", None), ("adapter", reft)] if args.base else [(None, reft)]
+        for label, edit in runs:
+            if label:
+                print(f"[{label}] ", end="", flush=True)
+            for piece in stream_generate(model, tokenizer, prompt, edit, **options):
+                print(piece, end="", flush=True)
+            print()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate an adapter on one split and write eval.json into the adapter folder."""
+    from .data import Formatter, load_splits
+    from .evaluate import evaluate, write_eval
+
+    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
+    splits = load_splits(args.data, valid_fraction=0.0)
+    name = args.split if args.split != "auto" else next(s for s in ("test", "valid", "train") if s in splits)
+    if name not in splits:
+        raise DataError(f"{args.data} has no {name!r} split; it has: {', '.join(splits)}")
+    rows = splits[name]
+    if args.max_examples:
+        rows = rows.select(range(min(args.max_examples, len(rows)))) if hasattr(rows, "select") else rows[: args.max_examples]
+    fmt = meta.get("formatting") or {}
+    formatter = Formatter(tokenizer, prompt_template=fmt.get("prompt_template"),
+                          completion_template=fmt.get("completion_template"), chat_column=fmt.get("chat_column"))
+    results = evaluate(model, tokenizer, reft, rows, formatter=formatter, batch_size=args.batch_size,
+                       generate=not args.no_generate, max_tokens=args.max_tokens, base=args.base)
+    results["split"], results["data"] = name, str(args.data)
+    path = write_eval(args.adapter, results)
+    print(f"{name}: {results['num_examples']} examples")
+    for label in ("adapter", "base"):
+        m = results.get(label)
+        if m:
+            scores = "".join(f", {k} {m[k]:.3f}" for k in ("exact_match", "normalized_exact_match") if k in m)
+            print(f"{label}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}{scores}")
+    print(f"Results written to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default, end to end (see loreft.demo.run_demo)."""
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, cache_dir=args.cache_dir, epochs=args.epochs)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of the `loreft` command."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Representation finetuning (LoReFT) for mlx-lm models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,demo}")
+
+    train = sub.add_parser("train", help="train a ReFT adapter",
+                           description="Train a ReFT adapter. Every parameter is a flag; --config reads them from "
+                                       "YAML and flags given on the command line win.")
+    train.add_argument("--config", help="YAML file of parameter: value pairs")
+    add_parameter_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    def adapter_args(p):
+        p.add_argument("--adapter", required=True, help="adapter folder (written by loreft train)")
+        p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+        p.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
+
+    gen = sub.add_parser("generate", help="generate with an adapter")
+    adapter_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="use the prompt as given, without the adapter's template")
+    gen.add_argument("--base", action="store_true", help="also show the base model's completion")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluate an adapter (writes eval.json into the adapter folder)")
+    adapter_args(ev)
+    ev.add_argument("--data", required=True, help="dataset file, folder or Hugging Face id")
+    ev.add_argument("--split", default="auto", choices=("auto", "train", "valid", "test"),
+                    help="split to evaluate (auto: test, else valid, else train)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-examples", type=int, default=0, help="evaluate the first N rows only (0: all)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: reference length + 8)")
+    ev.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    ev.add_argument("--base", action="store_true", help="also evaluate the base model without the adapter")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="train on the embedded tiny model and show generations before and after")
+    demo.add_argument("--out", default=None, help="adapter folder (default: runs/demo)")
+    demo.add_argument("--cache-dir", default=None, help="where the demo model is cached (default: $LOREFT_CACHE "
+                                                        "or ~/.cache/mlx-loreft)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _model_load_errors() -> tuple:
+    try:
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        return ()
+    return (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code (2: bad configuration or data)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except _model_load_errors() as e:
+        print(f"{PROG}: error: could not load the model: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

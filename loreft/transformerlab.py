@@ -1,0 +1,346 @@
+"""The one place that knows TransformerLab: parameter mapping, the plugin reporter (tlab_trainer), the task reporter (lab).
+
+TransformerLab runs a trainer in two ways (shared/TRANSFORMERLAB.md): as a plugin, through the SDK its
+harness provides (`transformerlab.sdk.v1.train.tlab_trainer`), or as a task, through the `transformerlab`
+PyPI package (`from lab import lab`). Both SDKs are imported lazily, inside the functions that use them,
+so loreft installs and runs without either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ConfigError
+from .job import PARAMETERS, Job, job_from_params, run_job
+from .reporting import Callback
+
+# Parameters the app itself supplies (model_name, the dataset, adaptor_output_dir): not form fields.
+APP_FIELDS = ("model", "data", "adapter_dir")
+FORM_PARAMETERS = [p for p in PARAMETERS if p.name not in APP_FIELDS]
+
+# Form fields that are not training parameters (index.json and task.yaml add them to the table's).
+ADAPTOR_NAME_DEFAULT = "loreft"
+EXTRA_FIELDS: dict[str, dict] = {
+    "adaptor_name": {
+        "title": "Adaptor Name", "type": "string", "default": ADAPTOR_NAME_DEFAULT, "required": True,
+        "ui:help": "Name of the adapter; it is saved under the workspace's adaptors/<model>/<name> folder.",
+    },
+    "log_to_wandb": {
+        "title": "Log to Weights and Biases", "type": "boolean", "default": False,
+        "ui:help": "Also send the training metrics to Weights & Biases (needs a W&B API key in the app's settings).",
+    },
+}
+
+# Keys of the app's own config that the mapping reads (beyond the form fields above).
+PLUGIN_CONFIG_KEYS = ("model_name", "adaptor_output_dir", "formatting_template", "formatting_chat_template",
+                      "chatml_formatted_column")
+TASK_CONFIG_KEYS = ("model_name", "dataset", "formatting_template", "formatting_chat_template",
+                    "chatml_formatted_column")
+
+# The Hugging Face architectures (config.json "architectures") of the mlx-lm families attach() is tested on
+# (tests/test_model.py FAMILIES), mapped to their mlx-lm model_type: index.json lists the keys.
+MODEL_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Gemma3ForConditionalGeneration": "gemma3",
+    "Phi3ForCausalLM": "phi3",
+}
+
+REPORT_INTERVAL_S = 1.0  # the app and the trainer rewrite the same job file without locking: report gently
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def split_formatting_template(template: str) -> tuple[str, str]:
+    """TransformerLab's one formatting template -> (prompt template, completion template).
+
+    ReFT edits prompt positions only, so it must know where the completion starts: the completion is
+    the template's last {{ expression }}, which must end the template (e.g. '...### Response:\\n{{ output }}').
+    """
+    from jinja2 import Environment, TemplateSyntaxError
+
+    m = re.search(r"\{\{[^{}]*\}\}\s*$", template)
+    allowed = ("end it with the completion column, e.g. '{{ instruction }}\\n### Response: {{ output }}', "
+               "or set prompt_template and completion_template instead")
+    if m is None or not template[: m.start()].strip():
+        raise ConfigError("formatting_template", template, allowed)
+    prompt, completion = template[: m.start()], template[m.start():].rstrip()
+    try:
+        Environment().parse(prompt)
+    except TemplateSyntaxError as e:
+        raise ConfigError("formatting_template", template, f"its prompt part is not a valid template ({e}); {allowed}") from None
+    return prompt, completion
+
+
+def _given(value: Any, kind: type) -> bool:
+    # the app sends every form field, often as strings; an empty number field means "use the default"
+    return value is not None and not (kind is not str and isinstance(value, str) and not value.strip())
+
+
+def job_params(config: Mapping, *, task: bool) -> dict:
+    """The app's config (a plugin input file's "config", or a task's parameters) -> flat loreft parameters.
+
+    Form fields keep their names. The app's own fields map as: model_name -> model; the task's dataset ->
+    data (a plugin's data comes from tlab_trainer.load_dataset instead); adaptor_output_dir (plugin) or
+    adaptors/<adaptor_name> (task) -> adapter_dir; formatting_chat_template + chatml_formatted_column ->
+    chat_column, or else formatting_template -> prompt_template + completion_template. Explicit
+    prompt_template / completion_template / chat_column win over the app's formatting fields.
+    """
+    flat = {p.name: config.get(p.name) for p in FORM_PARAMETERS if _given(config.get(p.name), p.type)}
+    model = config.get("model_name") or config.get("model")
+    if not model:
+        raise ConfigError("model_name", model, "choose a base model (a local mlx-lm folder or a Hugging Face id)")
+    flat["model"] = str(model)
+    name = str(config.get("adaptor_name") or ADAPTOR_NAME_DEFAULT)
+    if task:
+        data = config.get("dataset") or config.get("data")
+        if not data:
+            raise ConfigError("dataset", data, "choose a dataset (a local file or folder, or a Hugging Face id)")
+        flat["data"] = str(data)
+        flat["adapter_dir"] = str(config.get("adapter_dir") or Path("adaptors") / name)
+    else:
+        flat["adapter_dir"] = str(config.get("adaptor_output_dir") or Path("adaptors") / name)
+    if not any(flat.get(k) for k in ("prompt_template", "completion_template", "chat_column")):
+        if config.get("formatting_chat_template"):
+            flat["chat_column"] = config.get("chatml_formatted_column") or "messages"
+        elif config.get("formatting_template"):
+            flat["prompt_template"], flat["completion_template"] = split_formatting_template(str(config["formatting_template"]))
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporters
+
+
+class _Throttle:
+    """True at most once per interval (and always when forced)."""
+
+    def __init__(self, interval: float, clock=time.monotonic):
+        self.interval, self.clock, self.last = interval, clock, -math.inf
+
+    def __call__(self, force: bool = False) -> bool:
+        now = self.clock()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            return True
+        return False
+
+
+def _percent(step: int, total: int) -> int:
+    return int(100 * step / max(total, 1))
+
+
+class PluginReporter(Callback):
+    """Reports to a plugin job through tlab_trainer; a Stop in the app becomes should_stop()."""
+
+    def __init__(self, tlab, interval: float = REPORT_INTERVAL_S, log=print):
+        self.tlab, self.log = tlab, log
+        self.throttle = _Throttle(interval)
+        self.stopped = False
+        self.eta_s: float | None = None
+
+    def on_train_start(self, info):
+        self.tlab.add_job_data("trainable_parameters", int(info["trainable"]))
+        self.tlab.add_job_data("trainable_percent", float(info["percent"]))
+        self.log(f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)")
+
+    def on_step(self, step, total_steps):
+        if self.stopped or not self.throttle(force=step == total_steps):
+            return
+        try:
+            # the SDK raises KeyboardInterrupt here once the user pressed Stop (and marks the job STOPPED)
+            self.tlab.progress_update(_percent(step, total_steps))
+            if self.eta_s is not None:
+                self.tlab.add_job_data("estimated_time_remaining", int(round(self.eta_s)))
+        except KeyboardInterrupt:
+            self.stopped = True
+            self.log(f"Stop requested at step {step}: saving the adapter trained so far")
+
+    def on_report(self, m):
+        self.eta_s = m["eta_s"]
+        for name in ("loss", "learning_rate", "tokens_per_sec"):
+            self.tlab.log_metric(f"train/{name}", float(m[name]), m["step"])
+
+    def on_eval(self, m):
+        prefix = "eval" if m["split"] == "valid" else m["split"]
+        for name in ("loss", "perplexity"):
+            self.tlab.log_metric(f"{prefix}/{name}", float(m[name]), m["step"])
+        if "exact_match" in m:
+            self.tlab.log_metric("eval/exact_match", float(m["exact_match"]), m["step"])
+
+    def should_stop(self):
+        return self.stopped
+
+
+class TaskReporter(Callback):
+    """Reports to a task job through `lab`: progress and metrics rows, checkpoints, the app's stop flag."""
+
+    def __init__(self, lab, interval: float = REPORT_INTERVAL_S):
+        self.lab = lab
+        self.throttle = _Throttle(interval)
+        self.total = 1
+        self.stop_requested = False
+
+    def on_train_start(self, info):
+        self.total = info["total_steps"]
+        self.lab.set_job_data_field("trainable_parameters", int(info["trainable"]))
+        self.lab.set_job_data_field("trainable_percent", float(info["percent"]))
+        self.lab.log(f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)")
+
+    def on_step(self, step, total_steps):
+        if not self.stop_requested and self.throttle():
+            # the app's Stop writes job_data["stop"] = true (and SIGTERMs the process tree on local providers)
+            self.stop_requested = bool(self.lab.get_job_data().get("stop"))
+
+    def on_report(self, m):
+        metrics = {"train/loss": m["loss"], "train/learning_rate": m["learning_rate"],
+                   "train/tokens_per_sec": m["tokens_per_sec"], "estimated_time_remaining": m["eta_s"]}
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
+        self.lab.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s, "
+                     f"ETA {m['eta_s']:.0f}s")
+
+    def on_eval(self, m):
+        prefix = "eval" if m["split"] == "valid" else m["split"]
+        metrics = {f"{prefix}/{k}": m[k] for k in ("loss", "perplexity", "exact_match") if k in m}
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
+        self.lab.log(f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
+
+    def on_checkpoint(self, step, path):
+        self.lab.save_checkpoint(str(path), Path(path).name)  # lab.get_checkpoint_to_resume() finds these
+
+    def should_stop(self):
+        return self.stop_requested
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runtimes
+
+
+def detect_runtime(argv: list[str] | None = None, environ: Mapping | None = None) -> str:
+    """'plugin' (the harness passed --input_file), 'task' (a TransformerLab job is set up) or 'cli'."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    if any(a == "--input_file" or a.startswith("--input_file=") for a in argv):
+        return "plugin"
+    if environ.get("_TFL_JOB_ID"):
+        return "task"
+    if not argv and (environ.get("TFL_WORKSPACE_DIR") or environ.get("TFL_HOME_DIR")):
+        try:
+            import lab  # noqa: F401  (the transformerlab package)
+        except ImportError:
+            return "cli"
+        return "task"
+    return "cli"
+
+
+def _stopped_message(summary: dict) -> str:
+    return f"Stopped by user at step {summary['steps']} of {summary['total_steps']}; adapter saved to {summary['adapter']}"
+
+
+def run_plugin(log=print) -> dict:
+    """Train once under the plugin harness; a Stop saves the adapter and then re-raises KeyboardInterrupt."""
+    from transformerlab.sdk.v1.train import tlab_trainer  # provided by the harness, not by PyPI
+
+    @tlab_trainer.job_wrapper(wandb_project_name="TLab_Training", manual_logging=True)
+    def train_loreft() -> dict:
+        params = tlab_trainer.params
+        try:
+            job = job_from_params(job_params(params, task=False), strict=False, require_data=False)
+            log(f"LoReFT job: {job.to_params()}")
+            splits = tlab_trainer.load_dataset(["train", "valid"])
+            tlab_trainer.add_job_data("checkpoints_dir", str(Path(job.adapter_dir) / "checkpoints"))
+            reporter = PluginReporter(tlab_trainer, log=log)
+            summary = run_job(job, callbacks=[reporter], splits=dict(splits), log=log)
+        except Exception as e:
+            # the wrapper records a generic failure; the app shows job_data.error_msg to the user
+            tlab_trainer.add_job_data("error_msg", f"{type(e).__name__}: {e}")
+            log(f"LoReFT training failed: {e}")
+            raise
+        log(f"Adapter saved to {summary['adapter']}")
+        if reporter.stopped:
+            tlab_trainer.add_job_data("completion_details", _stopped_message(summary))
+            raise KeyboardInterrupt("Job stopped by user")  # the adapter is saved; now end the job
+        return summary
+
+    return train_loreft()
+
+
+def _workspace_path(lookup, name: str, usable) -> str:
+    """The workspace's folder for a model / dataset id when it holds the files itself (else the id, for the HF cache)."""
+    if Path(name).expanduser().exists():
+        return name
+    try:
+        folder = Path(lookup(name))
+    except Exception:  # not in the workspace: a Hugging Face id
+        return name
+    return str(folder) if folder.is_dir() and usable(folder) else name
+
+
+def _has_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _has_data(folder: Path) -> bool:
+    # the app keeps its own index.json beside the uploaded files
+    return any(f.is_file() and f.name != "index.json" and not f.name.startswith(".") for f in folder.iterdir())
+
+
+def run_task(log=print) -> int:
+    """Train once as a TransformerLab task; returns the exit code (0 also after a Stop, 1 on failure)."""
+    import asyncio
+
+    from lab import JobStatus, lab
+
+    from .cli import StopOnSignal
+
+    lab.init()
+    try:
+        params = job_params(lab.get_config(), task=True)
+        job: Job = job_from_params(params, strict=False)
+        job.model = _workspace_path(lab.get_model_path, job.model, _has_model)
+        job.data = _workspace_path(lambda n: asyncio.run(lab.get_dataset(n).get_dir()), job.data, _has_data)
+        checkpoint = lab.get_checkpoint_to_resume()
+        if checkpoint:
+            job.resume = checkpoint
+            lab.log(f"Resuming from checkpoint {checkpoint}")
+        lab.log(f"LoReFT job: {job.to_params()}")
+        reporter = TaskReporter(lab)
+        summary = run_job(job, callbacks=[reporter, StopOnSignal((signal.SIGTERM,), log=lab.log)], log=lab.log)
+        adapter = summary["adapter"]
+        name = str(params.get("adaptor_name") or Path(adapter).name)
+        saved = lab.save_model(adapter, name=name, architecture="MLX", pipeline_tag="text-generation", parent_model=job.model)
+        for extra in ("loss.png", "metrics.jsonl"):
+            if (Path(adapter) / extra).is_file():
+                lab.save_artifact(str(Path(adapter) / extra), extra)
+        lab.set_job_data_field("adapter_path", saved)
+        if summary["stopped"]:
+            message = _stopped_message(summary)
+            lab.set_job_data_field("completion_details", message)
+            asyncio.run(lab.job.update_status(JobStatus.STOPPED))
+            lab.log(message)
+            return 0
+        score = {}
+        for split, prefix in (("valid", "eval"), ("test", "test")):
+            if summary.get(split):
+                score[f"{prefix}_loss"] = summary[split]["loss"]
+                score[f"{prefix}_perplexity"] = summary[split]["perplexity"]
+        lab.update_progress(100)
+        lab.finish(f"LoReFT adapter trained ({summary['steps']} steps); saved to {saved}", score=score)
+        return 0
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+        lab.set_job_data_field("error_msg", message)
+        lab.error(message)
+        log(f"LoReFT training failed: {message}")
+        if isinstance(e, ValueError):  # ConfigError, DataError: the message says it all
+            return 1
+        raise
