@@ -10,6 +10,7 @@ import contextlib
 from typing import Iterable
 
 import mlx.core as mx
+import mlx.nn as nn
 
 import loreft.model as model_module
 import loreft.trainer as trainer_module
@@ -21,7 +22,13 @@ LEVERS = {
     "batched_rotations": "orthonormalize each intervention's R separately, on every call",
     "gather": "edit every position through a dense 0/1 mask instead of gathering the edited ones",
     "fused_scatter": "gather and scatter once per group instead of once per layer",
+    "fused_ce": "cross-entropy through nn.losses.cross_entropy's generic gradient",
 }
+
+
+def plain_cross_entropy(logits, targets):
+    """loreft.trainer's per-token cross-entropy before this work (same value, generic vjp)."""
+    return nn.losses.cross_entropy(logits.astype(mx.float32), targets)
 
 
 def masked_apply_interventions(h, interventions, locations, offset=0):
@@ -75,6 +82,8 @@ def levers_off(names: Iterable[str]):
         swap(model_module, "apply_interventions", per_group_apply_interventions)
     if "batched_rotations" in names:
         swap(trainer_module, "batched_rotations", lambda _ivs: contextlib.nullcontext())
+    if "fused_ce" in names:
+        swap(trainer_module, "token_cross_entropy", plain_cross_entropy)
     if "sparse_logits" in names:
         swap(trainer_module, "output_head", lambda _model: None)
     try:

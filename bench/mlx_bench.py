@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-
 
 
 def _enable_fast_blas() -> str | None:
@@ -110,13 +108,13 @@ def prompt_length(s: Setting) -> int:
 
 def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, rank=None, clear_cache=False) -> Runner:
     """Our step exactly as loreft.trainer.train builds and calls it, with the named levers switched off."""
-    from loreft import ReftConfig, attach
+    from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Batch
     from loreft.trainer import _make_step, batch_arrays, make_optimizer
 
-    from loreft.config import TrainConfig
-
     model = build_model(s.shape, s.dtype, s.seed)
+    if layers == "last":
+        layers = [len(model.layers) - 1]
     reft = attach(model, ReftConfig(layers=layers, rank=rank or s.rank, positions=positions or s.positions, intervention="loreft"))
     cfg = TrainConfig(learning_rate=LR, lr_schedule="constant", warmup_ratio=0.0, batch_size=s.batch, iters=1000)
     optimizer = make_optimizer(cfg, 1000)
@@ -148,7 +146,6 @@ def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, r
 
 def lora_runner(s: Setting, name: str = "mlx-lm LoRA") -> Runner:
     """mlx-lm's LoRA (rank 8, every linear of every block) with its own loss and compiled step."""
-    from mlx.utils import tree_map
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -177,7 +174,6 @@ def lora_runner(s: Setting, name: str = "mlx-lm LoRA") -> Runner:
         mx.eval(state, value, ntoks)
 
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    _ = tree_map  # (kept import list minimal)
     return Runner(name, step, nbytes(model.parameters()) + nbytes(optimizer.state), trainable, "rank 8, all linears of all blocks")
 
 
@@ -284,8 +280,11 @@ def decode_speed(s: Setting, prompt_len: int, new_tokens: int, rounds: int, log=
 RUNNER_KINDS = {"loreft": loreft_runner, "lora": lora_runner, "forward": forward_runner}
 
 
-def run_spec(spec: dict, log=print) -> dict:
-    """Run every comparison a spec lists; return the results (see bench/__main__.py for the spec)."""
+def run_spec(spec: dict, log=print, save=lambda result: None) -> dict:
+    """Run every comparison a spec lists; return the results (see bench/__main__.py for the spec).
+
+    save(result) is called after each comparison, so a run cut short still leaves what it measured.
+    """
     device = "gpu" if mx.default_device() == mx.gpu else "cpu"
     out = {"device": device, "fast_blas": FAST_BLAS, "mlx": mx.__version__, "comparisons": []}
     peak_dtype = spec.get("peak_dtype", "float32")
@@ -318,6 +317,7 @@ def run_spec(spec: dict, log=print) -> dict:
             except Exception as e:
                 log(f"  decode FAILED ({type(e).__name__}: {e})")
         out["comparisons"].append(result)
+        save(out)
         del runners
         gc.collect()
         mx.clear_cache()
@@ -329,9 +329,11 @@ def main(argv: list[str]) -> None:
     spec = json.loads(open(spec_path).read())
     if spec.get("device") == "cpu":
         mx.set_default_device(mx.cpu)
-    result = run_spec(spec, log=lambda m: print(m, flush=True))
-    with open(result_path, "w") as f:
-        json.dump(result, f, indent=1)
+    def save(result: dict) -> None:
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    save(run_spec(spec, log=lambda m: print(m, flush=True), save=save))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .blas import enable_fast_blas  # noqa: E402
+
+FAST_BLAS = enable_fast_blas()  # first: libmlx binds cblas_sgemm when mlx.core is first imported
+
 from .adapter import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .config import ConfigError, ReftConfig, TrainConfig  # noqa: E402
 from .interventions import INTERVENTION_CLASSES, orthonormalize  # noqa: E402

@@ -46,7 +46,7 @@ def enable_fast_blas() -> str | None:
         return _result
     try:
         if not sys.platform.startswith("linux"):
-            return None  # macOS uses Accelerate; other platforms have no mlx-cpu wheel
+            return None  # macOS uses Accelerate; the symbol preload is a Linux (ELF) trick
         if os.environ.get(OPT_OUT_ENV, "").strip() not in ("", "0"):
             log.debug("fast BLAS: disabled by %s", OPT_OUT_ENV)
             return None
@@ -67,6 +67,6 @@ def enable_fast_blas() -> str | None:
         _result = f"mkl {version} ({path.name})"
         log.debug("fast BLAS: loaded %s from %s", _result, path)
         return _result
-    except Exception as exc:  # a broken install must never stop loreft from importing
+    except Exception as exc:  # noqa: BLE001  a broken install must never stop loreft from importing
         log.debug("fast BLAS: not loaded (%s: %s)", type(exc).__name__, exc)
         return None

@@ -30,18 +30,19 @@ class StopOnSignal(Callback):
     def __init__(self, signals=(signal.SIGINT,), log=print):
         self.signals = signals
         self.log = log
-        self.requested = False
+        self.requested: int | None = None  # the signal received
+        self._announced = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: give up on a clean stop
-            self._restore()
+        # only set a flag here: the handler may interrupt anything, even a print or a file write
+        if self.requested is not None:  # second signal: give up on a clean stop
+            self.restore()
             raise KeyboardInterrupt
-        self.requested = True
-        self.log(f"\n{signal.Signals(signum).name} received: stopping after this step and saving the adapter "
-                 "(send it again to abort)")
+        self.requested = signum
 
-    def _restore(self):
+    def restore(self):
+        """Put back the handlers that were there before training."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -54,10 +55,14 @@ class StopOnSignal(Callback):
             self._previous.clear()
 
     def should_stop(self):
-        return self.requested
+        if self.requested is not None and not self._announced:
+            self._announced = True
+            self.log(f"{signal.Signals(self.requested).name} received: stopping now and saving the adapter "
+                     "(send it again to abort)")
+        return self.requested is not None
 
     def on_end(self, summary):
-        self._restore()
+        self.restore()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +127,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
           f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
     stop = StopOnSignal()
-    summary = run_job(job, callbacks=[ProgressBar(), stop])
+    try:
+        summary = run_job(job, callbacks=[ProgressBar(), stop])
+    finally:
+        stop.restore()  # also when training fails
     print_summary(summary)
     return 0
 
@@ -270,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_load_errors() -> tuple:
     try:
-        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError:
         return ()
     return (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError)

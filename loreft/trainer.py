@@ -40,6 +40,25 @@ def resolve_dtype(name: str) -> mx.Dtype:
     return getattr(mx, name)
 
 
+@mx.custom_function
+def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Next-token cross-entropy per position, in float32 from logits of any dtype (nn.losses.cross_entropy's value)."""
+    x = logits.astype(mx.float32)
+    return mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+
+
+@token_cross_entropy.vjp
+def _token_cross_entropy_vjp(primals, cotangent, output):
+    # softmax - one_hot in one fused elementwise pass over the logits, straight to their dtype: the generic
+    # vjp keeps float32 logits alive and adds a scattered one-hot, several passes over a (tokens, vocab) array
+    logits, targets = primals
+    x = logits.astype(mx.float32)
+    lse = output + mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+    g = cotangent[..., None]
+    grad = mx.exp(x - lse[..., None]) * g - (mx.arange(x.shape[-1]) == targets[..., None]) * g
+    return grad.astype(logits.dtype), mx.zeros_like(targets)
+
+
 def completion_loss(
     model: nn.Module, tokens: mx.array, mask: mx.array, picks: mx.array | None = None, head=None
 ) -> tuple[mx.array, mx.array]:
@@ -50,13 +69,12 @@ def completion_loss(
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if picks is None or head is None:
-        logits = model(inputs)
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
+        ce = token_cross_entropy(model(inputs), targets) * mask
         return ce.sum(), mask.sum()
     body, lm_head = head
     hidden = body(inputs)
     hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), picks, axis=0)  # (n_picks, d)
-    ce = nn.losses.cross_entropy(lm_head(hidden).astype(mx.float32), targets.reshape(-1)[picks])
+    ce = token_cross_entropy(lm_head(hidden), targets.reshape(-1)[picks])
     return (ce * mask.reshape(-1)[picks]).sum(), mask.sum()
 
 

@@ -14,11 +14,12 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .config import ConfigError
-from .job import PARAMETERS, Job, job_from_params, run_job
+from .job import PARAMETERS, PARAMS_BY_NAME, Job, coerce, job_from_params, run_job
 from .reporting import Callback
 
 # Parameters the app itself supplies (model_name, the dataset, adaptor_output_dir): not form fields.
@@ -93,9 +94,13 @@ def job_params(config: Mapping, *, task: bool) -> dict:
     data (a plugin's data comes from tlab_trainer.load_dataset instead); adaptor_output_dir (plugin) or
     adaptors/<adaptor_name> (task) -> adapter_dir; formatting_chat_template + chatml_formatted_column ->
     chat_column, or else formatting_template -> prompt_template + completion_template. Explicit
-    prompt_template / completion_template / chat_column win over the app's formatting fields.
+    prompt_template / completion_template / chat_column win over the app's formatting fields. With a
+    preset chosen, form fields left at their defaults give way to the preset's values.
     """
     flat = {p.name: config.get(p.name) for p in FORM_PARAMETERS if _given(config.get(p.name), p.type)}
+    if flat.get("preset"):
+        # the app sends every form field, so a field still at its default was not chosen: let the preset set it
+        flat = {k: v for k, v in flat.items() if k == "preset" or coerce(PARAMS_BY_NAME[k], v) != PARAMS_BY_NAME[k].default}
     model = config.get("model_name") or config.get("model")
     if not model:
         raise ConfigError("model_name", model, "choose a base model (a local mlx-lm folder or a Hugging Face id)")
@@ -160,7 +165,7 @@ class PluginReporter(Callback):
             # the SDK raises KeyboardInterrupt here once the user pressed Stop (and marks the job STOPPED)
             self.tlab.progress_update(_percent(step, total_steps))
             if self.eta_s is not None:
-                self.tlab.add_job_data("estimated_time_remaining", int(round(self.eta_s)))
+                self.tlab.add_job_data("estimated_time_remaining", round(self.eta_s))
         except KeyboardInterrupt:
             self.stopped = True
             self.log(f"Stop requested at step {step}: saving the adapter trained so far")
@@ -184,8 +189,9 @@ class PluginReporter(Callback):
 class TaskReporter(Callback):
     """Reports to a task job through `lab`: progress and metrics rows, checkpoints, the app's stop flag."""
 
-    def __init__(self, lab, interval: float = REPORT_INTERVAL_S):
+    def __init__(self, lab, interval: float = REPORT_INTERVAL_S, log=None):
         self.lab = lab
+        self.log = log or lab.log
         self.throttle = _Throttle(interval)
         self.total = 1
         self.stop_requested = False
@@ -194,7 +200,7 @@ class TaskReporter(Callback):
         self.total = info["total_steps"]
         self.lab.set_job_data_field("trainable_parameters", int(info["trainable"]))
         self.lab.set_job_data_field("trainable_percent", float(info["percent"]))
-        self.lab.log(f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)")
+        self.log(f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)")
 
     def on_step(self, step, total_steps):
         if not self.stop_requested and self.throttle():
@@ -205,14 +211,14 @@ class TaskReporter(Callback):
         metrics = {"train/loss": m["loss"], "train/learning_rate": m["learning_rate"],
                    "train/tokens_per_sec": m["tokens_per_sec"], "estimated_time_remaining": m["eta_s"]}
         self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
-        self.lab.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s, "
+        self.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s, "
                      f"ETA {m['eta_s']:.0f}s")
 
     def on_eval(self, m):
         prefix = "eval" if m["split"] == "valid" else m["split"]
         metrics = {f"{prefix}/{k}": m[k] for k in ("loss", "perplexity", "exact_match") if k in m}
         self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
-        self.lab.log(f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
+        self.log(f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
 
     def on_checkpoint(self, step, path):
         self.lab.save_checkpoint(str(path), Path(path).name)  # lab.get_checkpoint_to_resume() finds these
@@ -242,20 +248,27 @@ def detect_runtime(argv: list[str] | None = None, environ: Mapping | None = None
     return "cli"
 
 
+def describe(job: Job) -> str:
+    """One line with every setting of the job (for the job's log)."""
+    return "LoReFT job: " + ", ".join(f"{k}={v!r}" for k, v in job.to_params().items())
+
+
 def _stopped_message(summary: dict) -> str:
     return f"Stopped by user at step {summary['steps']} of {summary['total_steps']}; adapter saved to {summary['adapter']}"
 
 
 def run_plugin(log=print) -> dict:
     """Train once under the plugin harness; a Stop saves the adapter and then re-raises KeyboardInterrupt."""
-    from transformerlab.sdk.v1.train import tlab_trainer  # provided by the harness, not by PyPI
+    from transformerlab.sdk.v1.train import (
+        tlab_trainer,  # provided by the harness, not by PyPI
+    )
 
     @tlab_trainer.job_wrapper(wandb_project_name="TLab_Training", manual_logging=True)
     def train_loreft() -> dict:
         params = tlab_trainer.params
         try:
             job = job_from_params(job_params(params, task=False), strict=False, require_data=False)
-            log(f"LoReFT job: {job.to_params()}")
+            log(describe(job))
             splits = tlab_trainer.load_dataset(["train", "valid"])
             tlab_trainer.add_job_data("checkpoints_dir", str(Path(job.adapter_dir) / "checkpoints"))
             reporter = PluginReporter(tlab_trainer, log=log)
@@ -280,7 +293,7 @@ def _workspace_path(lookup, name: str, usable) -> str:
         return name
     try:
         folder = Path(lookup(name))
-    except Exception:  # not in the workspace: a Hugging Face id
+    except Exception:  # noqa: BLE001  (missing, or any storage error: then it is a Hugging Face id)
         return name
     return str(folder) if folder.is_dir() and usable(folder) else name
 
@@ -303,6 +316,11 @@ def run_task(log=print) -> int:
     from .cli import StopOnSignal
 
     lab.init()
+
+    def tlog(message: str) -> None:  # the job's output file, and stdout (the provider's log)
+        print(message, flush=True)
+        lab.log(message)
+
     try:
         params = job_params(lab.get_config(), task=True)
         job: Job = job_from_params(params, strict=False)
@@ -311,10 +329,13 @@ def run_task(log=print) -> int:
         checkpoint = lab.get_checkpoint_to_resume()
         if checkpoint:
             job.resume = checkpoint
-            lab.log(f"Resuming from checkpoint {checkpoint}")
-        lab.log(f"LoReFT job: {job.to_params()}")
-        reporter = TaskReporter(lab)
-        summary = run_job(job, callbacks=[reporter, StopOnSignal((signal.SIGTERM,), log=lab.log)], log=lab.log)
+            tlog(f"Resuming from checkpoint {checkpoint}")
+        tlog(describe(job))
+        reporter, stop = TaskReporter(lab, log=tlog), StopOnSignal((signal.SIGTERM,), log=tlog)
+        try:
+            summary = run_job(job, callbacks=[reporter, stop], log=tlog)
+        finally:
+            stop.restore()
         adapter = summary["adapter"]
         name = str(params.get("adaptor_name") or Path(adapter).name)
         saved = lab.save_model(adapter, name=name, architecture="MLX", pipeline_tag="text-generation", parent_model=job.model)
@@ -326,7 +347,7 @@ def run_task(log=print) -> int:
             message = _stopped_message(summary)
             lab.set_job_data_field("completion_details", message)
             asyncio.run(lab.job.update_status(JobStatus.STOPPED))
-            lab.log(message)
+            tlog(message)
             return 0
         score = {}
         for split, prefix in (("valid", "eval"), ("test", "test")):

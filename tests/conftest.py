@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import loreft  # noqa: F401  first, so the fast BLAS loads before any test module imports mlx.core
+
 import pytest
 
 

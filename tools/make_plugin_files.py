@@ -16,10 +16,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loreft import __version__  # noqa: E402
-from loreft.config import PRESETS  # noqa: E402
-from loreft.job import PARAMETERS  # noqa: E402
-from loreft.transformerlab import EXTRA_FIELDS, FORM_PARAMETERS, MODEL_ARCHITECTURES  # noqa: E402
+from loreft import __version__
+from loreft.config import PRESETS
+from loreft.job import PARAMETERS
+from loreft.transformerlab import EXTRA_FIELDS, FORM_PARAMETERS, MODEL_ARCHITECTURES
 
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 TITLES = {  # where name.title() reads badly

@@ -1,0 +1,175 @@
+"""The training step's speed levers change nothing but speed: same loss, same gradients, same update.
+
+Logits at supervised positions only (output_head + supervised_positions), the fused cross-entropy
+gradient (token_cross_entropy) and one batched Gram-Schmidt pass for every R (batched_rotations) are
+each checked against the plain computation or an independent float64 reference.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from loreft import ReftConfig, TrainConfig, attach
+from loreft.demo import build_tiny_model
+from loreft.interventions import batched_rotations, orthonormalize
+from loreft.trainer import _make_step, completion_loss, output_head, supervised_positions, token_cross_entropy
+
+REFT = ReftConfig(layers="all", rank=3, positions="f2+l2", seed=1)
+
+
+def batch(vocab: int, B=3, T=24, seed=0):
+    """Random tokens (B, T) and a mask supervising a ragged tail of each row (targets after a prompt)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab, (B, T)).astype(np.int32)
+    prompt = np.array([10, 14, 17])[:B]
+    mask = (np.arange(T - 1)[None, :] >= prompt[:, None] - 1).astype(np.float32)
+    mask[1, -3:] = 0.0  # a padded row
+    return mx.array(tokens), mask, prompt
+
+
+def grads_of(model, fn):
+    _, g = nn.value_and_grad(model, fn)(model)
+    return {k: np.array(v) for k, v in tree_flatten(g)}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed_models")
+    return {
+        "llama_tied": build_tiny_model(root / "llama_tied", model_type="llama", num_layers=3),
+        "llama_lm_head": build_tiny_model(root / "llama_head", model_type="llama", num_layers=3, tie_word_embeddings=False),
+        "gemma2_softcap": build_tiny_model(root / "gemma2", model_type="gemma2", num_layers=2),
+        "cohere_scaled": build_tiny_model(root / "cohere", model_type="cohere", num_layers=2),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "llama_lm_head", "gemma2_softcap"])
+def test_logits_at_supervised_positions_give_the_same_loss_and_gradients(model_dirs, name):
+    model, _ = mlx_lm.load(str(model_dirs[name]))
+    reft = attach(model, REFT)
+    tokens, mask, prompt = batch(model.args.vocab_size)
+    head = output_head(model)
+    assert head is not None, "a plain mlx-lm layout must get the sparse path"
+    body, lm_head = head
+    seen = []
+    counted = (body, lambda h: (seen.append(h.shape[0]), lm_head(h))[1])
+    picks = supervised_positions(mask)
+    assert picks is not None and len(picks) < mask.size
+    reft.set_locations(reft.locations(prompt))
+    m = mx.array(mask)
+    full = completion_loss(model, tokens, m)
+    sparse = completion_loss(model, tokens, m, mx.array(picks), counted)
+    assert seen == [len(picks)], "the LM head must run on the picked positions only"
+    assert sparse[0].item() == pytest.approx(full[0].item(), rel=1e-6)
+    assert sparse[1].item() == full[1].item() == mask.sum()
+    g_full = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m)[0])
+    g_sparse = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m, mx.array(picks), head)[0])
+    assert g_full.keys() == g_sparse.keys() and len(g_full) == len(model.layers) * 2 * 3  # layers x groups x (R, W, b)
+    for k in g_full:
+        np.testing.assert_allclose(g_sparse[k], g_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    reft.set_locations(None)
+
+
+def test_unknown_head_layouts_fall_back_to_full_logits(model_dirs):
+    model, _ = mlx_lm.load(str(model_dirs["cohere_scaled"]))  # cohere scales its logits after the head
+    assert output_head(model) is None
+    assert output_head(nn.Linear(4, 4)) is None  # not an mlx-lm causal LM at all
+
+
+def test_supervised_positions_cover_every_target_once():
+    rng = np.random.default_rng(0)
+    for fraction in (0.01, 0.1, 0.3, 0.6, 0.74):
+        mask = (rng.random((4, 63)) < fraction).astype(np.float32)
+        mask[0, 0] = 1.0
+        picks = supervised_positions(mask)
+        if picks is None:
+            assert mask.mean() > 0.6  # only when bucketing up passes 3/4 of the grid
+            continue
+        flat = mask.reshape(-1)
+        hits = picks[flat[picks] > 0]
+        assert sorted(hits.tolist()) == np.flatnonzero(flat).tolist()  # each supervised target exactly once
+        assert len(picks) <= 3 * flat.size // 4
+        assert len(picks) in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
+    assert supervised_positions(np.ones((2, 9), np.float32)) is None
+    assert supervised_positions(np.concatenate([np.ones((2, 8)), np.zeros((2, 1))], 1).astype(np.float32)) is None
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_token_cross_entropy_matches_float64(dtype):
+    rng = np.random.default_rng(1)
+    logits = mx.array((rng.standard_normal((2, 5, 37)) * 4).astype(np.float32)).astype(dtype)
+    targets = mx.array(rng.integers(0, 37, (2, 5)).astype(np.int32))
+    weights = mx.array(rng.random((2, 5)).astype(np.float32))
+    x = np.array(logits.astype(mx.float32), dtype=np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    t = np.array(targets)
+    ref = lse - np.take_along_axis(x, t[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.array(token_cross_entropy(logits, targets)), ref, rtol=1e-6, atol=1e-5)
+    grad = mx.grad(lambda lg: (token_cross_entropy(lg, targets) * weights).sum())(logits)
+    assert grad.dtype == dtype
+    soft = np.exp(x - lse[..., None])
+    ref_grad = (soft - np.eye(37)[t]) * np.array(weights)[..., None]
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    np.testing.assert_allclose(np.array(grad.astype(mx.float32)), ref_grad, atol=tol)
+
+
+def test_batched_rotations_same_values_and_gradients(tiny_model_dir):
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    reft = attach(model, REFT)
+    ivs = list(reft.interventions().values())
+    with batched_rotations(ivs):
+        for iv in ivs:
+            np.testing.assert_allclose(np.array(iv.rotation_matrix()), np.array(orthonormalize(iv.rotation)), atol=1e-6)
+    assert all("_cached_rotation" not in iv.__dict__ for iv in ivs)  # cleared on exit
+    assert not any("cached" in k for k in reft.parameters())  # never a parameter
+    tokens, mask, prompt = batch(model.args.vocab_size)
+    reft.set_locations(reft.locations(prompt))
+    m = mx.array(mask)
+
+    def batched(mdl):
+        with batched_rotations(ivs):
+            return completion_loss(mdl, tokens, m)[0]
+
+    g_plain = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m)[0])
+    g_batched = grads_of(model, batched)
+    for k in g_plain:
+        np.testing.assert_allclose(g_batched[k], g_plain[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    reft.set_locations(None)
+
+
+def test_compiled_step_makes_the_plain_update(tiny_model_dir):
+    """One step of the trainer's compiled step (all levers on) == value_and_grad of the plain loss + Adam."""
+    tokens, mask, prompt = batch(300)
+    results = []
+    for fast in (True, False):
+        model, _ = mlx_lm.load(str(tiny_model_dir))
+        reft = attach(model, REFT)
+        opt = optim.Adam(learning_rate=1e-2)
+        opt.init(model.trainable_parameters())
+        locs = reft.locations(prompt)
+        if fast:
+            step, state = _make_step(reft, opt, TrainConfig(learning_rate=1e-2))
+            picks = supervised_positions(mask)
+            loss, n, _ = step(tokens, mx.array(mask), locs.as_arrays(), None, True, mx.array(picks))
+            mx.eval(state, loss)
+        else:
+            reft.set_locations(locs)
+
+            def mean_loss(mdl):
+                total, count = completion_loss(mdl, tokens, mx.array(mask))
+                return total / count
+
+            loss, grads = nn.value_and_grad(model, mean_loss)(model)
+            opt.update(model, grads)
+            reft.set_locations(None)
+        results.append((loss.item(), {k: np.array(v) for k, v in reft.parameters().items()}))
+    (loss_fast, p_fast), (loss_plain, p_plain) = results
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+    for k in p_plain:
+        np.testing.assert_allclose(p_fast[k], p_plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
