@@ -3,8 +3,9 @@
 # venv before running this; a task runs it from its setup step). The MLX backend is chosen per machine:
 #   macOS on Apple silicon -> mlx (Metal); Linux with an NVIDIA GPU -> mlx[cuda13] (driver >= 580) or
 #   mlx[cuda12]; any other Linux -> mlx[cpu]. Then this package itself and its other dependencies.
-#   bash setup.sh          the plugin
-#   bash setup.sh --task   also the `transformerlab` package a task's main.py reports through
+#   bash setup.sh          the plugin: also pyproject's `plugin` extra (what the app's plugin SDK imports,
+#                          in case the app's own sync of its base requirements failed)
+#   bash setup.sh --task   the task: also the `transformerlab` extra (the `lab` package main.py reports through)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -49,7 +50,7 @@ esac
 
 # The package's dependencies from pyproject.toml, minus its own choice of MLX backend: mlx-cpu and
 # mlx-cuda-* install the same library files, so exactly one of them may be present.
-extra=""
+extra="plugin"
 [ "${1:-}" = "--task" ] && extra="transformerlab"
 "$PY" -c "import tomllib" 2>/dev/null || install tomli || die "could not install tomli (Python < 3.11 needs it)"
 deps="$("$PY" - "$extra" <<'PYEOF'
@@ -60,8 +61,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 reqs = list(project["dependencies"])
-if sys.argv[1]:
-    reqs += project["optional-dependencies"][sys.argv[1]]
+reqs += project.get("optional-dependencies", {}).get(sys.argv[1], [])
 for r in reqs:
     if re.match(r"^\s*mlx\s*(\[|[<>=!~;]|$)", r) is None:  # keep mlx-lm and everything else
         print(r)
@@ -75,7 +75,7 @@ install --no-deps . || die "installing mlx-loreft from $(pwd) failed (see above)
 
 "$PY" -c "import mlx.core as mx, mlx_lm, loreft; print('mlx-loreft', loreft.__version__, 'on', mx.default_device())" \
     || die "the installed packages do not import (see above)"
-if [ -n "$extra" ]; then
+if [ "$extra" = "transformerlab" ]; then
     "$PY" -c "from lab import lab" || die "the transformerlab package does not import (see above)"
 fi
 echo "setup.sh: done"

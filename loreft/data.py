@@ -67,7 +67,8 @@ def _load_folder(folder: Path) -> dict:
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
         loaded = datasets.load_from_disk(str(folder))  # written by save_to_disk
         return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS)
+    # index.json beside the data is TransformerLab's metadata about a workspace dataset, not rows
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS and p.name != "index.json")
     found = {}
     for p in files:
         if p.stem.lower() in _SPLIT_NAMES:

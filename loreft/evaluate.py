@@ -90,6 +90,19 @@ def generate_all(
     return out  # type: ignore[return-value]
 
 
+def exact_match_scores(
+    model: nn.Module, tokenizer, reft: Reft | None, examples: Sequence[Example], *, batch_size: int = 8,
+    max_tokens: int | None = None, edit: bool = True, prefill_step_size: int = 2048,
+) -> tuple[dict, list[str]]:
+    """Greedy-generate every example's completion and score it against the reference: (scores, predictions)."""
+    eos = set(tokenizer.eos_token_ids)
+    references = [tokenizer.decode(reference_ids(e, eos)) for e in examples]
+    ids = generate_all(model, tokenizer, reft, examples, batch_size=batch_size, max_tokens=max_tokens, edit=edit,
+                       prefill_step_size=prefill_step_size)
+    predictions = [tokenizer.decode(p) for p in ids]
+    return match_scores(predictions, references), predictions
+
+
 def match_scores(predictions: list[str], references: list[str]) -> dict:
     """Exact-match and normalized exact-match rates."""
     n = max(len(references), 1)
@@ -153,12 +166,11 @@ def evaluate(
         metrics = evaluate_loss(model, examples, batch_size, reft=reft if edit else None, pad_id=pad_id)
         result["target_tokens"] = metrics.pop("tokens")
         if generate:
-            ids = generate_all(
+            scores, predictions[name] = exact_match_scores(
                 model, tokenizer, reft, examples, batch_size=batch_size, max_tokens=max_tokens,
                 edit=edit, prefill_step_size=prefill_step_size,
             )
-            predictions[name] = [tokenizer.decode(p) for p in ids]
-            metrics.update(match_scores(predictions[name], references))
+            metrics.update(scores)
         result[name] = metrics
     result["elapsed_s"] = time.perf_counter() - tic
     if generate:

@@ -46,7 +46,7 @@ PARAMETERS: list[Param] = [
     Param("share_weights", bool, _R.share_weights, "One intervention per layer for both first and last positions (tied).", group="reft"),
     Param("dropout", float, _R.dropout, "Dropout on the edited hidden states (pyreft's default 0).", minimum=0.0, maximum=0.99, group="reft"),
     Param("act_fn", str, _R.act_fn, "Activation applied to W h + b.", enum=ACTIVATIONS, group="reft"),
-    Param("learning_rate", float, _T.learning_rate, "Peak learning rate.", minimum=0.0, group="train"),
+    Param("learning_rate", float, _T.learning_rate, "Peak learning rate (> 0).", minimum=1e-8, group="train"),
     Param("lr_schedule", str, _T.lr_schedule, "Decay after warmup.", enum=LR_SCHEDULES, group="train"),
     Param("warmup_ratio", float, _T.warmup_ratio, "Share of the updates spent warming up linearly.", minimum=0.0, maximum=1.0, group="train"),
     Param("weight_decay", float, _T.weight_decay, "AdamW weight decay (0 uses Adam).", minimum=0.0, group="train"),
@@ -208,8 +208,20 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     # what training really used (auto-detection may have chosen a template), so generation formats alike
     extra = {"formatting": {"prompt_template": formatter.prompt_template, "completion_template": formatter.completion_template,
                             "chat_column": formatter.chat_column, "chat": formatter.uses_chat_template}}
-    return train(
+    test_metrics_fn = None
+    if mx.distributed.init().size() == 1:  # greedy generation for exact match runs on one process only
+        from .evaluate import exact_match_scores
+
+        def test_metrics_fn(test_examples):
+            return exact_match_scores(model, tokenizer, reft, test_examples, batch_size=job.train.batch_size)[0]
+
+    summary = train(
         reft, examples["train"], examples.get("valid"), job.train, job.adapter_dir,
         callbacks=callbacks, test_set=examples.get("test"), pad_id=D.pad_id_for(tokenizer),
-        resume_from=resume, base_model=job.model, adapter_extra=extra,
+        resume_from=resume, base_model=job.model, adapter_extra=extra, test_metrics_fn=test_metrics_fn,
     )
+    if summary["test"] and mx.distributed.init().rank() == 0:
+        from .evaluate import write_eval
+
+        write_eval(summary["adapter"], {"split": "test", **summary["test"]})
+    return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,47 @@ class Callback:
 
     def on_end(self, summary: dict) -> None:
         """Once, after the final adapter is saved (or training failed: summary['error'])."""
+
+
+class StopOnSignal(Callback):
+    """First Ctrl-C (or SIGTERM) asks the trainer to stop at the next step and save; a second one aborts."""
+
+    def __init__(self, signals=(signal.SIGINT,), log=print):
+        self.signals = signals
+        self.log = log
+        self.requested: int | None = None  # the signal received
+        self._announced = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        # only set a flag here: the handler may interrupt anything, even a print or a file write
+        if self.requested is not None:  # second signal: give up on a clean stop
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def restore(self):
+        """Put back the handlers that were there before training."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_start(self, info):
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            self._previous.clear()
+
+    def should_stop(self):
+        if self.requested is not None and not self._announced:
+            self._announced = True
+            self.log(f"{signal.Signals(self.requested).name} received: stopping now and saving the adapter "
+                     "(send it again to abort)")
+        return self.requested is not None
+
+    def on_end(self, summary):
+        self.restore()
 
 
 class ProgressBar(Callback):

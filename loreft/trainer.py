@@ -7,7 +7,7 @@ import math
 import time
 from itertools import accumulate
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -339,8 +339,12 @@ def train(
     resume_from: str | Path | None = None,
     base_model: str | None = None,
     adapter_extra: dict | None = None,
+    test_metrics_fn: Callable[[Sequence[Example]], dict] | None = None,
 ) -> dict:
-    """Train the interventions, save the adapter to adapter_dir, and return a summary."""
+    """Train the interventions, save the adapter to adapter_dir, and return a summary.
+
+    test_metrics_fn adds metrics to the final test evaluation (e.g. exact match after generation).
+    """
     cfg.validate()
     model, adapter_dir = reft.model, Path(adapter_dir)
     world = mx.distributed.init()
@@ -377,6 +381,8 @@ def train(
     def run_eval(step: int, split: str, examples) -> dict:
         m = evaluate_loss(model, examples, cfg.batch_size, reft=reft, pad_id=pad_id,
                           max_batches=cfg.max_eval_batches if split == "valid" else 0)
+        if split == "test" and test_metrics_fn is not None:
+            m.update(test_metrics_fn(examples))
         row = {"kind": "eval", "split": split, "step": step, **m}
         history.append(row)
         for cb in callbacks:
@@ -458,9 +464,10 @@ def train(
     _check_finite(reft, start + steps_done, last_checkpoint, cfg)
     final_step = history[-1]["step"] if history else start
     final_step = max(final_step, start + steps_done)
-    valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set else None
+    # a stop saves at once (the app may kill the process seconds later); a finished run evaluates first
+    valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set and not stopped else None
     path = save_final(adapter_dir)
-    test_metrics = run_eval(final_step, "test", test_set) if test_set else None
+    test_metrics = run_eval(final_step, "test", test_set) if test_set and not stopped else None
     summary = {
         "adapter": str(path), "steps": final_step, "total_steps": total_steps, "stopped": stopped,
         "train_loss": next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None),

@@ -39,11 +39,11 @@ EXTRA_FIELDS: dict[str, dict] = {
     },
 }
 
-# Keys of the app's own config that the mapping reads (beyond the form fields above).
-PLUGIN_CONFIG_KEYS = ("model_name", "adaptor_output_dir", "formatting_template", "formatting_chat_template",
+# Keys of the app's own config that job_params may read besides the form's (our own names are accepted too).
+PLUGIN_CONFIG_KEYS = ("model_name", "model", "adaptor_output_dir", "formatting_template", "formatting_chat_template",
                       "chatml_formatted_column")
-TASK_CONFIG_KEYS = ("model_name", "dataset", "formatting_template", "formatting_chat_template",
-                    "chatml_formatted_column")
+TASK_CONFIG_KEYS = ("model_name", "model", "dataset", "data", "adapter_dir", "formatting_template",
+                    "formatting_chat_template", "chatml_formatted_column")
 
 # The Hugging Face architectures (config.json "architectures") of the mlx-lm families attach() is tested on
 # (tests/test_model.py FAMILIES), mapped to their mlx-lm model_type: index.json lists the keys.
@@ -67,7 +67,9 @@ def split_formatting_template(template: str) -> tuple[str, str]:
     ReFT edits prompt positions only, so it must know where the completion starts: the completion is
     the template's last {{ expression }}, which must end the template (e.g. '...### Response:\\n{{ output }}').
     """
-    from jinja2 import Environment, TemplateSyntaxError
+    from jinja2 import TemplateSyntaxError
+
+    from .data import jinja_env
 
     m = re.search(r"\{\{[^{}]*\}\}\s*$", template)
     allowed = ("end it with the completion column, e.g. '{{ instruction }}\\n### Response: {{ output }}', "
@@ -76,7 +78,7 @@ def split_formatting_template(template: str) -> tuple[str, str]:
         raise ConfigError("formatting_template", template, allowed)
     prompt, completion = template[: m.start()], template[m.start():].rstrip()
     try:
-        Environment().parse(prompt)
+        jinja_env().parse(prompt)
     except TemplateSyntaxError as e:
         raise ConfigError("formatting_template", template, f"its prompt part is not a valid template ({e}); {allowed}") from None
     return prompt, completion
@@ -313,7 +315,7 @@ def run_task(log=print) -> int:
 
     from lab import JobStatus, lab
 
-    from .cli import StopOnSignal
+    from .reporting import StopOnSignal
 
     lab.init()
 

@@ -15,6 +15,7 @@ import pytest
 import loreft.data
 import loreft.job
 from loreft import cli, load_adapter, read_adapter_config
+from loreft.reporting import StopOnSignal
 from loreft.demo import DEMO_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_ctrl_c_stops_at_the_next_step_and_saves(tmp_path, tiny_model_dir, data_
 
     job = job_from_params({"model": str(tiny_model_dir), "data": str(data_file), "iters": 500, "batch_size": 2,
                            "rank": 1, "adapter_dir": str(tmp_path / "ad"), "steps_per_report": 1})
-    stop = cli.StopOnSignal(log=lambda *a: None)
+    stop = StopOnSignal(log=lambda *a: None)
     summary = run_job(job, callbacks=[stop, InterruptAt()], log=lambda *a: None)
     assert summary["stopped"] and summary["steps"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

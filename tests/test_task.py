@@ -85,6 +85,35 @@ def weights(path: Path) -> dict:
     return mx.load(str(path / "adapter.safetensors"))
 
 
+# the keys the app's task.yaml schema accepts (transformerlab-app api/transformerlab/schemas/task.py, extra="forbid")
+TASK_YAML_KEYS = {"name", "resources", "envs", "setup", "run", "github_repo_url", "github_repo_dir", "github_repo_branch",
+                  "parameters", "sweeps", "minutes_requested"}
+
+
+def test_task_yaml_parameters_are_what_main_reads():
+    """task.yaml's defaults make a valid job, every parameter is read, and nothing undeclared is."""
+    import yaml
+    from test_plugin import Recording
+
+    from loreft.job import job_from_params
+    from loreft.transformerlab import (
+        EXTRA_FIELDS,
+        FORM_PARAMETERS,
+        TASK_CONFIG_KEYS,
+        job_params,
+    )
+
+    spec = yaml.safe_load((ROOT / "task.yaml").read_text())
+    assert set(spec) <= TASK_YAML_KEYS and spec["run"] == "python main.py"
+    params = Recording(spec["parameters"])
+    job = job_from_params(job_params(params, task=True), strict=False)
+    assert job.model == spec["parameters"]["model_name"] and job.data == spec["parameters"]["dataset"]
+    assert job.adapter_dir == str(Path("adaptors") / spec["parameters"]["adaptor_name"])
+    declared = {p.name for p in FORM_PARAMETERS} | set(EXTRA_FIELDS) | set(TASK_CONFIG_KEYS)
+    assert params.read <= declared
+    assert set(spec["parameters"]) - {"log_to_wandb"} <= params.read  # W&B: the app's integration reads it
+
+
 def test_task_trains_reports_checkpoints_and_saves(tfl, tiny_model_dir):
     job_id, job_dir = tfl["make_job"]()
     code, out = run_main(tfl, job_id)
