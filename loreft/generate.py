@@ -161,23 +161,9 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str | list[int], reft: 
     return (r.text for r in responses if r.text)
 
 
-def generate(
-    model: nn.Module,
-    tokenizer,
-    prompt: str | list[int],
-    reft: Reft | None = None,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    prefill_step_size: int = 2048,
-) -> str:
-    """The whole completion of one prompt (greedy by default), EOS excluded."""
-    pieces = stream_generate(
-        model, tokenizer, prompt, reft,
-        max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, prefill_step_size=prefill_step_size,
-    )
-    return "".join(pieces)
+def generate(model: nn.Module, tokenizer, prompt: str | list[int], reft: Reft | None = None, **kwargs) -> str:
+    """The whole completion of one prompt (greedy by default), EOS excluded; arguments as stream_responses."""
+    return "".join(stream_generate(model, tokenizer, prompt, reft, **kwargs))
 
 
 def batch_generate(
