@@ -112,17 +112,25 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _load_with_adapter(adapter: str, model: str | None, dtype: str):
-    """(model, tokenizer, reft, adapter metadata): the base model is the adapter's own unless given."""
+def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str):
+    """(model, tokenizer, reft, metadata of the first adapter): the base model is the adapter's own unless given.
+
+    Several adapters load onto the one base model and edit together (a ReftStack).
+    """
     from .adapter import load_adapter, read_adapter_config
     from .job import load_model
+    from .model import ReftStack
 
-    meta = read_adapter_config(adapter)
+    paths = [adapters] if isinstance(adapters, str) else list(adapters)
+    meta = read_adapter_config(paths[0])
+    for p in paths[1:]:
+        read_adapter_config(p)  # each one is checked before the model loads
     name = model or meta.get("base_model")
     if not name:
         raise ConfigError("model", name, "the adapter does not record its base model; pass --model")
     base, tokenizer = load_model(name, dtype)
-    return base, tokenizer, load_adapter(base, adapter), meta
+    refts = [load_adapter(base, p) for p in paths]
+    return base, tokenizer, refts[0] if len(refts) == 1 else ReftStack(refts), meta
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -198,13 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_parameter_flags(train)
     train.set_defaults(func=cmd_train)
 
-    def adapter_args(p):
-        p.add_argument("--adapter", required=True, help="adapter folder (written by loreft train)")
+    def adapter_args(p, several=False):
+        if several:  # they edit together; the first one's prompt format and base model are used
+            p.add_argument("--adapter", required=True, action="append",
+                           help="adapter folder (written by loreft train); repeat to apply several at once")
+        else:
+            p.add_argument("--adapter", required=True, help="adapter folder (written by loreft train)")
         p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
         p.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
 
     gen = sub.add_parser("generate", help="generate with an adapter")
-    adapter_args(gen)
+    adapter_args(gen, several=True)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")

@@ -39,8 +39,9 @@ class ReftBlock(nn.Module):
 
     def __init__(self, block: nn.Module, interventions: dict[str, Intervention], context: _Context):
         super().__init__()
-        self.block = block
+        # interventions before block: with block set, an inner ReftBlock's names would show through __getattr__
         self.interventions = interventions
+        self.block = block
         self._context = context
 
     def __getattr__(self, key):
@@ -140,16 +141,13 @@ class ParameterStats:
 class Reft:
     """Handle on a model with interventions attached: locations, parameters, statistics."""
 
-    def __init__(self, model: nn.Module, config: ReftConfig, layers: list[int], context: _Context):
-        self.model, self.config, self.layers, self._context = model, config, layers, context
+    def __init__(self, model: nn.Module, config: ReftConfig, blocks: dict[int, ReftBlock], context: _Context):
+        self.model, self.config, self.blocks, self._context = model, config, blocks, context
+        self.layers = sorted(blocks)
         first_n, last_n = config.first_last
         self.first_n, self.last_n = first_n, last_n
         self.groups = group_names(first_n, last_n, config.share_weights)
         self.hidden_size, self.num_layers = model_dims(model)
-
-    @property
-    def blocks(self) -> dict[int, ReftBlock]:
-        return {i: self.model.layers[i] for i in self.layers}
 
     def interventions(self) -> dict[str, Intervention]:
         """Every intervention by key 'layers.<i>.<group>'."""
@@ -184,7 +182,8 @@ class Reft:
     def stats(self) -> ParameterStats:
         """Exact trainable-parameter count and its share of the base model."""
         trainable = sum(v.size for v in self.parameters().values())
-        return ParameterStats(trainable, count_parameters(self.model) - trainable)
+        every_adapter = sum(count_parameters(m) for _, m in self.model.named_modules() if isinstance(m, Intervention))
+        return ParameterStats(trainable, count_parameters(self.model) - every_adapter)
 
     def max_orthogonality_error(self) -> float:
         """max |R^T R - I| over every orthonormal R (0.0 when none has one)."""
@@ -207,11 +206,13 @@ def _block_list(model: nn.Module) -> list:
 
 
 def attach(model: nn.Module, config: ReftConfig) -> Reft:
-    """Freeze the model and wrap the configured blocks with fresh interventions; returns the handle."""
+    """Freeze the model and wrap the configured blocks with fresh interventions; returns the handle.
+
+    Attaching to a model that already carries adapters wraps their blocks again (they are frozen too), so
+    several adapters can edit one base model at once: see ReftStack.
+    """
     hidden, num_layers = model_dims(model)
     config.validate(hidden_size=hidden, num_layers=num_layers)
-    if any(isinstance(b, ReftBlock) for b in model.layers):
-        raise ValueError("this model already has interventions attached; load a fresh model")
     layers = parse_layers(config.layers, num_layers)
     first_n, last_n = config.first_last
     groups = group_names(first_n, last_n, config.share_weights)
@@ -226,4 +227,24 @@ def attach(model: nn.Module, config: ReftConfig) -> Reft:
         }
         blocks[layer] = ReftBlock(blocks[layer], ivs, context).train(model.training)  # eval model: no dropout
     mx.eval(model.trainable_parameters())
-    return Reft(model, config, layers, context)
+    return Reft(model, config, {i: blocks[i] for i in layers}, context)
+
+
+class ReftStack:
+    """Several adapters on one base model at once (pyreft's composition): each edits its own layers and
+    positions, in its own subspace, at the same time. Use it wherever a Reft is taken for generation."""
+
+    def __init__(self, refts: list[Reft]):
+        if not refts or any(r.model is not refts[0].model for r in refts):
+            raise ValueError("a ReftStack needs one or more adapters attached to the same model")
+        self.refts = list(refts)
+        self.model = refts[0].model
+
+    def locations(self, prompt_lengths, offsets=None) -> list[Locations]:
+        """Each adapter's locations for these prompts."""
+        return [r.locations(prompt_lengths, offsets) for r in self.refts]
+
+    def set_locations(self, locations: list[Locations] | None) -> None:
+        """Edit with every adapter at its locations; None turns every edit off."""
+        for r, loc in zip(self.refts, locations or [None] * len(self.refts)):
+            r.set_locations(loc)

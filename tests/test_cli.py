@@ -151,3 +151,17 @@ def test_demo_runs_and_learns(tmp_path, capsys):
     from loreft.demo import demo_model_dir
 
     assert demo_model_dir(cache) == model_dir and (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_generate_with_two_adapters_applies_both(trained, tiny_model_dir, capsys):
+    from loreft.generate import format_prompt, generate
+    from loreft.model import ReftStack
+
+    capsys.readouterr()
+    args = ["generate", "--adapter", str(trained), "--adapter", str(trained), "--prompt", "Who are you?", "--max-tokens", "6"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = mlx_lm.load(str(tiny_model_dir))
+    stack = ReftStack([load_adapter(model, trained), load_adapter(model, trained)])  # the same edit, twice over
+    prompt = format_prompt(tokenizer, "Who are you?", read_adapter_config(trained)["formatting"])
+    assert printed == generate(model, tokenizer, prompt, stack, max_tokens=6) + "\n"
