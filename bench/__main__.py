@@ -38,7 +38,8 @@ def lever_runners() -> list[dict]:
         {"kind": "loreft", "name": "ours, before this work", "kwargs": {"off": ["batched_rotations", "fused_scatter", "sparse_logits", "fused_ce"]}},
         {"kind": "loreft", "name": "ours, no mx.compile", "kwargs": {"off": ["compile"]}},
         {"kind": "loreft", "name": "ours, R per intervention", "kwargs": {"off": ["batched_rotations"]}},
-        {"kind": "loreft", "name": "ours, gather+scatter per group", "kwargs": {"off": ["fused_scatter"]}},
+        {"kind": "loreft", "name": "ours, gather/scatter kernels", "kwargs": {"off": ["select_matmul"]}},
+        {"kind": "loreft", "name": "ours, gather/scatter per group", "kwargs": {"off": ["fused_scatter"]}},
         {"kind": "loreft", "name": "ours, masked (no gather)", "kwargs": {"off": ["gather"]}},
         {"kind": "loreft", "name": "ours, generic CE gradient", "kwargs": {"off": ["fused_ce"]}},
         {"kind": "loreft", "name": "ours, clear cache each step", "kwargs": {"clear_cache": True}},
@@ -164,12 +165,19 @@ def main(argv=None) -> None:
     p.add_argument("--pyreft-python", help="python with torch + pyreft (default: $PYREFT_PYTHON, /tmp/pyreft-venv)")
     p.add_argument("--pyreft-pythonpath", help="PYTHONPATH for that python (e.g. a --target install of pyreft)")
     p.add_argument("--pyreft-results", help="merge pyreft results measured earlier on this machine (JSON from --only pyreft)")
+    p.add_argument("--keep", help="comma-separated name fragments: keep only these lever/diagnostic runners (plus ours and LoRA)")
     p.add_argument("--worker-timeout", type=float, help="seconds per worker process; a late one is stopped, its finished comparisons kept")
     p.add_argument("--out", help="JSON path (default runs/bench/<suite>-<time>.json; a .md table is written beside it)")
     args = p.parse_args(argv)
 
     name = detect_suite() if args.suite == "auto" else args.suite
     plan = tiny(suite(name, args.quick)) if args.tiny else suite(name, args.quick)
+    if args.keep:
+        wanted = [k.strip() for k in args.keep.split(",") if k.strip()]
+        for _, spec, _ in plan["workers"]:
+            for comp in spec["comparisons"]:
+                comp["runners"] = [r for r in comp["runners"]
+                                   if r["name"] in (OURS, LORA) or any(k in r["name"] for k in wanted)]
     started = datetime.datetime.now(datetime.timezone.utc)
     record = {"suite": name, "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
               "date": started.isoformat(timespec="seconds"), "machine": machine_info(), "workers": [], "pyreft": []}

@@ -20,8 +20,9 @@ LEVERS = {
     "compile": "run the step eagerly (no mx.compile)",
     "sparse_logits": "compute the LM head on every position, not just the supervised ones",
     "batched_rotations": "orthonormalize each intervention's R separately, on every call",
-    "gather": "edit every position through a dense 0/1 mask instead of gathering the edited ones",
-    "fused_scatter": "gather and scatter once per group instead of once per layer",
+    "gather": "edit every position (masked) instead of only the picked rows",
+    "select_matmul": "pick and write back the edited rows with gather/scatter kernels, not 0/1 matmuls",
+    "fused_scatter": "gather and scatter once per group instead of once per layer (implies select_matmul off)",
     "fused_ce": "cross-entropy through nn.losses.cross_entropy's generic gradient",
 }
 
@@ -33,7 +34,7 @@ def plain_cross_entropy(logits, targets):
 
 def masked_apply_interventions(h, interventions, locations, offset=0):
     """The edit computed at every position, kept where a (B, L) 0/1 mask says (the dense alternative)."""
-    B, L, _ = h.shape
+    L = h.shape[1]
     if isinstance(offset, mx.array) and offset.ndim == 1:
         offset = offset[:, None]
     positions = mx.arange(L)[None, :, None]  # (1, L, 1)
@@ -44,6 +45,29 @@ def masked_apply_interventions(h, interventions, locations, offset=0):
         delta = intervention(h).astype(mx.float32) - h.astype(mx.float32)
         h = (h.astype(mx.float32) + delta * mask).astype(h.dtype)
     return h
+
+
+def gather_apply_interventions(h, interventions, locations, offset=0):
+    """The edit through take_along_axis / .at[].add (gather and scatter kernels), once per layer."""
+    B, L, _ = h.shape
+    if isinstance(offset, mx.array) and offset.ndim == 1:
+        offset = offset[:, None]
+    names = list(interventions)
+    groups = [locations.groups[n] for n in names]
+    idx = mx.concatenate([g[0] for g in groups], axis=1)
+    valid = mx.concatenate([g[1] for g in groups], axis=1)
+    local = idx - offset
+    valid = valid * ((local >= 0) & (local < L))
+    local = mx.clip(local, 0, L - 1)
+    picked = mx.take_along_axis(h, local[..., None], axis=1)
+    edited, start = [], 0
+    for name, (group_idx, _) in zip(names, groups):
+        stop = start + group_idx.shape[1]
+        edited.append(interventions[name](picked[:, start:stop]))
+        start = stop
+    edited = mx.concatenate(edited, axis=1)
+    delta = (edited.astype(mx.float32) - picked.astype(mx.float32)) * valid[..., None]
+    return h.at[mx.arange(B)[:, None], local].add(delta.astype(h.dtype))
 
 
 def per_group_apply_interventions(h, interventions, locations, offset=0):
@@ -80,6 +104,8 @@ def levers_off(names: Iterable[str]):
         swap(model_module, "apply_interventions", masked_apply_interventions)
     elif "fused_scatter" in names:
         swap(model_module, "apply_interventions", per_group_apply_interventions)
+    elif "select_matmul" in names:
+        swap(model_module, "apply_interventions", gather_apply_interventions)
     if "batched_rotations" in names:
         swap(trainer_module, "batched_rotations", lambda _ivs: contextlib.nullcontext())
     if "fused_ce" in names:

@@ -96,8 +96,7 @@ def output_head(model: nn.Module):
         return None
     cap = getattr(model, "final_logit_softcapping", None) or getattr(getattr(model, "args", None), "final_logit_softcapping", None)
     if cap:
-        plain = head
-        head = lambda h: mx.tanh(plain(h) / cap) * cap  # noqa: E731
+        head = _softcapped(head, cap)
     try:
         probe = mx.array([[1, 2, 3, 0, 1]])
         want, got = model(probe), head(body(probe))
@@ -105,6 +104,11 @@ def output_head(model: nn.Module):
     except Exception:  # an unusual signature or output: stay on the full-logits path
         return None
     return (body, head) if same else None
+
+
+def _softcapped(head, cap: float):
+    """gemma2-style final logit softcapping around an output head."""
+    return lambda h: mx.tanh(head(h) / cap) * cap
 
 
 def supervised_positions(mask: np.ndarray) -> np.ndarray | None:

@@ -150,11 +150,13 @@ def test_stats_for_every_intervention(folders, tmp_path, kind, tied):
     assert type(model.layers[0]).__name__ != "ReftBlock" and type(model.layers[1]).__name__ == "ReftBlock"
 
 
-def test_attach_twice_is_refused(folders):
+def test_attach_twice_nests_and_freezes_the_first_adapter(folders):
     model, _ = load(str(folders["llama"]))
-    attach(model, ReftConfig(layers="0", rank=2, positions="l1"))
-    with pytest.raises(ValueError, match="already"):
-        attach(model, ReftConfig(layers="1", rank=2, positions="l1"))
+    first = attach(model, ReftConfig(layers="0", rank=2, positions="l1"))
+    second = attach(model, ReftConfig(layers="0;1", rank=2, positions="l1"))  # composition (tests/test_composition.py)
+    assert model.layers[0].block is first.blocks[0] and second.blocks[0] is model.layers[0]
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    assert trainable == {f"model.layers.{i}.interventions.last.{p}" for i in (0, 1) for p in ("rotation", "weight", "bias")}
 
 
 def test_dropout_is_off_on_an_eval_model_and_on_in_train_mode(folders):
