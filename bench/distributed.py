@@ -60,6 +60,7 @@ def worker(a: argparse.Namespace) -> None:
     except ImportError:
         trainer.plot_loss = lambda *args, **kwargs: None
 
+    trainer.QUEUE_AHEAD = a.queue_ahead
     world = mx.distributed.init()
     model = build_model(a.shape, a.dtype)
     reft = attach(model, ReftConfig(layers="all", rank=a.rank, positions=a.positions, seed=0))
@@ -134,6 +135,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="steps before timing; also the report window")
     p.add_argument("--steps", type=int, default=30, help="timed steps (a multiple of --warmup)")
     p.add_argument("--gpus", default="1,2", help="process counts to run, e.g. 1,2,4")
+    p.add_argument("--queue-ahead", type=int, default=1, help="loreft.trainer.QUEUE_AHEAD (0: read each loss before queuing the next step)")
     p.add_argument("--backend", default="nccl", help="mlx.launch backend for runs on more than one process")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.json"))
@@ -144,7 +146,7 @@ def main() -> None:
         p.error("--steps must be a multiple of --warmup (the report window)")
     if a.worker:
         return worker(a)
-    a.passthrough = [f"--{k}={getattr(a, k)}" for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps")]
+    a.passthrough = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "queue_ahead")]
     counts = [int(n) for n in a.gpus.split(",")]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +161,7 @@ def main() -> None:
         runs[n]["speedup"] = tps / (base * counts[0])
         runs[n]["efficiency"] = tps / (base * n)
         print(f"{n:>4} {tps:>12,.0f} {runs[n]['speedup']:>8.2f} {runs[n]['efficiency']:>10.1%}")
-    setting = {k: getattr(a, k) for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "backend")}
+    setting = {k: getattr(a, k) for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "backend", "queue_ahead")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"setting": setting, "runs": {str(n): r for n, r in runs.items()}}, indent=2))
     print(f"wrote {a.out}")

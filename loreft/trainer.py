@@ -27,6 +27,7 @@ PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct sha
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+QUEUE_AHEAD = 1  # steps queued behind the one whose loss is being read (one process); 0: lockstep
 
 
 class NonFiniteLossError(RuntimeError):
@@ -403,20 +404,43 @@ def train(
     grad_accum, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
     window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0, "steps": 0}
     train_time, steps_done, local_tokens = 0.0, 0, 0
-    stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
-    pending = next(stream, None)
-    while pending is not None:
-        step, batch = pending
-        tic = time.perf_counter()
+    # On one process the next step is queued before this one's loss is read, so the device never waits for
+    # the host's bookkeeping; a step whose evaluation or checkpoint needs the weights right after it is read
+    # before anything else is queued. Several processes stay in lockstep (their stop vote syncs each step).
+    ahead = 1 + QUEUE_AHEAD if world.size() == 1 else 1
+
+    def needs_weights(done: int) -> bool:
+        return done == total_steps or bool(valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0) \
+            or bool(cfg.save_every and done % cfg.save_every == 0)
+
+    def dispatch(step: int, batch: Batch) -> tuple:
+        nonlocal grad_accum
+        # references to the state before this step (arrays are immutable): a stop seen on the step before
+        # rolls this one back, so training still ends exactly where the stop was asked for
+        before = (tree_map(lambda x: x, model.trainable_parameters()), tree_map(lambda x: x, optimizer.state), grad_accum)
         # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
         mx.random.seed((cfg.seed * 1_000_003 + step) * world.size() + world.rank())
         tokens, mask, locs, picks = batch_arrays(reft, batch)
         do_update = (step + 1) % accum == 0 or step + 1 == total_steps
         loss, ntoks, grad_accum = step_fn(tokens, mask, locs, grad_accum, do_update, picks)
         mx.async_eval(state, loss, ntoks, grad_accum)
-        pending = next(stream, None)  # prepare the next batch on the host while the device works
+        return step, batch, loss, ntoks, before
+
+    stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
+    pending = next(stream, None)
+    queued: list[tuple] = []
+    tic = time.perf_counter()
+    while pending is not None or queued:
+        if pending is not None and not stopped and len(queued) < ahead and not (queued and needs_weights(queued[-1][0] + 1)):
+            queued.append(dispatch(*pending))
+            pending = next(stream, None)  # prepare the next batch on the host while the device works
+            continue
+        if not queued:
+            break
+        step, batch, loss, ntoks, _ = queued.pop(0)
         loss_value, ntoks_value = loss.item(), int(ntoks.item())
-        elapsed = time.perf_counter() - tic
+        now = time.perf_counter()
+        elapsed, tic = now - tic, now
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(_non_finite_message(f"loss became {loss_value}", step + 1, last_checkpoint, cfg))
         n_real = int(batch.lengths.sum())  # this rank's tokens
@@ -461,9 +485,15 @@ def train(
             last_checkpoint = folder
             for cb in callbacks:
                 cb.on_checkpoint(done, folder)
-        if _any_rank(any(cb.should_stop() for cb in callbacks)):
+        if needs_weights(done):
+            tic = time.perf_counter()  # evaluation and checkpoint time is not training time
+        if not stopped and _any_rank(any(cb.should_stop() for cb in callbacks)):
             stopped = True
-            break
+            if queued:  # undo the step queued behind this one
+                params, opt_state, grad_accum = queued[0][4]
+                model.update(params)
+                optimizer.state = opt_state
+                queued.clear()
 
     _check_finite(reft, start + steps_done, last_checkpoint, cfg)
     final_step = history[-1]["step"] if history else start

@@ -187,12 +187,12 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, ex
     reft = fresh(tiny_model_dir)
 
     class Poison(Callback):
-        def on_step(self, step, total):
-            if step == 3:  # corrupt the weights after step 3 (as a bad update would): step 4's loss is NaN
+        def on_checkpoint(self, step, path):
+            if step == 2:  # corrupt the weights once checkpoint 2 is written (as a bad update would): step 3's loss is NaN
                 iv = next(iter(reft.interventions().values()))
                 iv.weight = mx.full(iv.weight.shape, float("nan"))
 
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4.*step-0000002"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*step-0000002"):
         train(reft, ex, None, cfg(epochs=10, save_every=2), tmp_path / "a", pad_id=pad, callbacks=[Poison()])
     good = mx.load(str(tmp_path / "a" / "checkpoints" / "step-0000002" / "adapter.safetensors"))
     assert all(np.isfinite(np.array(v)).all() for v in good.values())
