@@ -82,6 +82,7 @@ class Intervention(nn.Module):
     """Base: edit float32 copies of hidden states h (..., d), apply dropout to h + edit, cast back."""
 
     has_rotation = False  # True where a parameter is kept orthonormal
+    has_dropout = True  # dropout on h + edit, as pyreft (all but ConsReFT)
 
     def __init__(self, d: int, r: int, act_fn: str = "linear", dropout: float = 0.0):
         super().__init__()
@@ -94,7 +95,8 @@ class Intervention(nn.Module):
 
     def __call__(self, h: mx.array) -> mx.array:
         h32 = h.astype(mx.float32)
-        return self.dropout(h32 + self.edit(h32)).astype(h.dtype)
+        out = h32 + self.edit(h32)
+        return (self.dropout(out) if self.has_dropout else out).astype(h.dtype)
 
     def rotation_matrix(self) -> mx.array:
         """The effective orthonormal R, stored (d, r) as pyreft does."""
@@ -102,101 +104,93 @@ class Intervention(nn.Module):
         return orthonormalize(self.rotation) if cached is None else cached
 
 
-class LoreftIntervention(Intervention):
-    """h + R^T (act(W h + b) - R h), R orthonormal."""
+def _split(key: mx.array | None, n: int) -> list[mx.array]:
+    return mx.random.split(key if key is not None else mx.random.key(0), n)
+
+
+# Three parameter layouts, as pyreft has them; each formula below picks one.
+
+
+class _RotationLinear(Intervention):
+    """R (orthonormal, stored (d, r)) and a linear map W (r, d), b (r) initialized as torch's nn.Linear."""
 
     has_rotation = True
 
     def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
         super().__init__(d, r, act_fn, dropout)
-        k1, k2, k3 = mx.random.split(key if key is not None else mx.random.key(0), 3)
+        k1, k2, k3 = _split(key, 3)
         self.rotation = _random_orthonormal(k1, d, r)
         self.weight = _uniform(k2, (r, d), 1 / math.sqrt(d))
         self.bias = _uniform(k3, (r,), 1 / math.sqrt(d))
+
+
+class _TwoLinear(Intervention):
+    """Two unconstrained linear maps: W2 = proj_weight (r, d) with proj_bias, and W1 = weight with bias."""
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2, k3, k4 = _split(key, 4)
+        bound = 1 / math.sqrt(d)
+        self.proj_weight = _uniform(k1, (r, d), bound)
+        self.proj_bias = _uniform(k2, (r,), bound)
+        self.weight = _uniform(k3, (r, d), bound)
+        self.bias = _uniform(k4, (r,), bound)
+
+
+class _RotationBias(Intervention):
+    """R (orthonormal) and a learned point b (r) in its subspace, initialized U(0, 1) as pyreft's torch.rand."""
+
+    has_rotation = True
+
+    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
+        super().__init__(d, r, act_fn, dropout)
+        k1, k2 = _split(key, 2)
+        self.rotation = _random_orthonormal(k1, d, r)
+        self.bias = mx.random.uniform(0, 1, (r,), key=k2)
+
+
+class LoreftIntervention(_RotationLinear):
+    """h + R^T (act(W h + b) - R h), R orthonormal."""
 
     def edit(self, h):
         R = self.rotation_matrix()
         return (self.act(h @ self.weight.T + self.bias) - h @ R) @ R.T
 
 
-class NoreftIntervention(Intervention):
+class NoreftIntervention(_TwoLinear):
     """h + W2^T (act(W1 h + b) - (W2 h + b2)), no orthogonality."""
-
-    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
-        super().__init__(d, r, act_fn, dropout)
-        k1, k2, k3, k4 = mx.random.split(key if key is not None else mx.random.key(0), 4)
-        bound = 1 / math.sqrt(d)
-        self.proj_weight = _uniform(k1, (r, d), bound)
-        self.proj_bias = _uniform(k2, (r,), bound)
-        self.weight = _uniform(k3, (r, d), bound)
-        self.bias = _uniform(k4, (r,), bound)
 
     def edit(self, h):
         proj = h @ self.proj_weight.T + self.proj_bias
         return (self.act(h @ self.weight.T + self.bias) - proj) @ self.proj_weight
 
 
-class DireftIntervention(Intervention):
+class DireftIntervention(_RotationLinear):
     """h + R^T act(W h + b), R orthonormal."""
-
-    has_rotation = True
-
-    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
-        super().__init__(d, r, act_fn, dropout)
-        k1, k2, k3 = mx.random.split(key if key is not None else mx.random.key(0), 3)
-        self.rotation = _random_orthonormal(k1, d, r)
-        self.weight = _uniform(k2, (r, d), 1 / math.sqrt(d))
-        self.bias = _uniform(k3, (r,), 1 / math.sqrt(d))
 
     def edit(self, h):
         return self.act(h @ self.weight.T + self.bias) @ self.rotation_matrix().T
 
 
-class NodireftIntervention(Intervention):
+class NodireftIntervention(_TwoLinear):
     """h + W2^T act(W1 h + b); pyreft's W2 layer also carries a bias that the formula never uses (kept for parity)."""
-
-    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
-        super().__init__(d, r, act_fn, dropout)
-        k1, k2, k3, k4 = mx.random.split(key if key is not None else mx.random.key(0), 4)
-        bound = 1 / math.sqrt(d)
-        self.proj_weight = _uniform(k1, (r, d), bound)
-        self.proj_bias = _uniform(k2, (r,), bound)
-        self.weight = _uniform(k3, (r, d), bound)
-        self.bias = _uniform(k4, (r,), bound)
 
     def edit(self, h):
         return self.act(h @ self.weight.T + self.bias) @ self.proj_weight
 
 
-class ConsreftIntervention(Intervention):
+class ConsreftIntervention(_RotationBias):
     """h + R^T (b - R h), R orthonormal: pins the subspace coordinates to a learned constant."""
 
-    has_rotation = True
-
-    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
-        super().__init__(d, r, act_fn, dropout)
-        k1, k2 = mx.random.split(key if key is not None else mx.random.key(0), 2)
-        self.rotation = _random_orthonormal(k1, d, r)
-        self.bias = mx.random.uniform(0, 1, (r,), key=k2)  # pyreft: torch.rand
+    has_dropout = False  # pyreft's ConsReFT has none
 
     def edit(self, h):
         R = self.rotation_matrix()
         return (self.bias - h @ R) @ R.T
 
-    def __call__(self, h):  # pyreft's ConsReFT has no dropout
-        return (h.astype(mx.float32) + self.edit(h.astype(mx.float32))).astype(h.dtype)
 
-
-class LobireftIntervention(Intervention):
+class LobireftIntervention(_RotationBias):
     """h + R^T b, R orthonormal: a learned bias inside a low-rank subspace."""
-
-    has_rotation = True
-
-    def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
-        super().__init__(d, r, act_fn, dropout)
-        k1, k2 = mx.random.split(key if key is not None else mx.random.key(0), 2)
-        self.rotation = _random_orthonormal(k1, d, r)
-        self.bias = mx.random.uniform(0, 1, (r,), key=k2)
 
     def edit(self, h):
         return mx.broadcast_to(self.bias @ self.rotation_matrix().T, h.shape)
