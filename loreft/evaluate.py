@@ -90,13 +90,19 @@ def generate_all(
     return out  # type: ignore[return-value]
 
 
+def reference_texts(tokenizer, examples: Sequence[Example]) -> list[str]:
+    """Each example's reference completion as text (EOS dropped)."""
+    eos = set(tokenizer.eos_token_ids)
+    return [tokenizer.decode(reference_ids(e, eos)) for e in examples]
+
+
 def exact_match_scores(
     model: nn.Module, tokenizer, reft: Reft | None, examples: Sequence[Example], *, batch_size: int = 8,
     max_tokens: int | None = None, edit: bool = True, prefill_step_size: int = 2048,
+    references: list[str] | None = None,
 ) -> tuple[dict, list[str]]:
     """Greedy-generate every example's completion and score it against the reference: (scores, predictions)."""
-    eos = set(tokenizer.eos_token_ids)
-    references = [tokenizer.decode(reference_ids(e, eos)) for e in examples]
+    references = reference_texts(tokenizer, examples) if references is None else references
     ids = generate_all(model, tokenizer, reft, examples, batch_size=batch_size, max_tokens=max_tokens, edit=edit,
                        prefill_step_size=prefill_step_size)
     predictions = [tokenizer.decode(p) for p in ids]
@@ -155,8 +161,7 @@ def evaluate(
         raise ConfigError("max_tokens", max_tokens, "must be an integer >= 1, or None for the reference length + 8")
     examples = as_examples(tokenizer, data, formatter, max_seq_length, truncation)
     pad_id = pad_id_for(tokenizer)
-    eos = set(tokenizer.eos_token_ids)
-    references = [tokenizer.decode(reference_ids(e, eos)) for e in examples]
+    references = reference_texts(tokenizer, examples)
     modes = ([("adapter", True)] if reft is not None else []) + ([("base", False)] if base or reft is None else [])
 
     result: dict[str, Any] = {"num_examples": len(examples)}
@@ -168,7 +173,7 @@ def evaluate(
         if generate:
             scores, predictions[name] = exact_match_scores(
                 model, tokenizer, reft, examples, batch_size=batch_size, max_tokens=max_tokens,
-                edit=edit, prefill_step_size=prefill_step_size,
+                edit=edit, prefill_step_size=prefill_step_size, references=references,
             )
             metrics.update(scores)
         result[name] = metrics

@@ -402,16 +402,21 @@ def train(
 
     model.train()
     grad_accum, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
-    window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0, "steps": 0}
+    window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
     train_time, steps_done, local_tokens = 0.0, 0, 0
     # On one process the next step is queued before this one's loss is read, so the device never waits for
     # the host's bookkeeping; a step whose evaluation or checkpoint needs the weights right after it is read
     # before anything else is queued. Several processes stay in lockstep (their stop vote syncs each step).
     ahead = 1 + QUEUE_AHEAD if world.size() == 1 else 1
 
-    def needs_weights(done: int) -> bool:
-        return done == total_steps or bool(valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0) \
-            or bool(cfg.save_every and done % cfg.save_every == 0)
+    def eval_due(done: int) -> bool:
+        return bool(valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0) and done < total_steps
+
+    def checkpoint_due(done: int) -> bool:
+        return bool(cfg.save_every and done % cfg.save_every == 0) and done < total_steps
+
+    def needs_weights(done: int) -> bool:  # what runs after this step must see the weights as it left them
+        return done == total_steps or eval_due(done) or checkpoint_due(done)
 
     def dispatch(step: int, batch: Batch) -> tuple:
         nonlocal grad_accum
@@ -451,7 +456,6 @@ def train(
         window["targets"] += ntoks_value
         window["tokens"] += n_real
         window["time"] += elapsed
-        window["steps"] += 1
         done = step + 1
         for cb in callbacks:
             cb.on_step(done, total_steps)
@@ -474,9 +478,9 @@ def train(
                 cb.on_report(row)
             window = dict.fromkeys(window, 0)
 
-        if valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0 and done < total_steps:
+        if eval_due(done):
             run_eval(done, "valid", valid_set)
-        if cfg.save_every and done % cfg.save_every == 0 and grad_accum is None and done < total_steps:
+        if checkpoint_due(done) and grad_accum is None:
             _check_finite(reft, done, last_checkpoint, cfg)  # this step's update may have gone bad: never save it
             folder = adapter_dir / CHECKPOINTS / f"step-{done:07d}"
             seen = int(_sum_across_ranks(mx.array(local_tokens, mx.int64)).item())
@@ -495,9 +499,8 @@ def train(
                 optimizer.state = opt_state
                 queued.clear()
 
-    _check_finite(reft, start + steps_done, last_checkpoint, cfg)
-    final_step = history[-1]["step"] if history else start
-    final_step = max(final_step, start + steps_done)
+    final_step = start + steps_done
+    _check_finite(reft, final_step, last_checkpoint, cfg)
     # a stop saves at once (the app may kill the process seconds later); a finished run evaluates first
     valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set and not stopped else None
     path = save_final(adapter_dir)
