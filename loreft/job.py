@@ -199,12 +199,12 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     model, tokenizer = load_model(job.model, job.train.dtype)
     formatter.tokenizer = tokenizer
     formatter.check(columns)  # again, now that the chat template is known
+    reft = attach(model, job.reft)  # checks layers and rank against the model before any tokenizing
     examples = {}
     for name, rows in splits.items():
         examples[name], stats = D.tokenize_rows(rows, formatter, tokenizer, job.train.max_seq_length, job.train.truncation, split=name)
         if stats["truncated"] or stats["dropped"]:
             log(f"{name}: {stats['truncated']} rows truncated, {stats['dropped']} dropped (max_seq_length={job.train.max_seq_length})")
-    reft = attach(model, job.reft)
     # what training really used (auto-detection may have chosen a template), so generation formats alike
     extra = {"formatting": {"prompt_template": formatter.prompt_template, "completion_template": formatter.completion_template,
                             "chat_column": formatter.chat_column, "chat": formatter.uses_chat_template}}
