@@ -6,7 +6,7 @@ Usage: python bench/blas_speed.py            (alternates both modes ROUNDS=3 tim
 import json, os, subprocess, sys, tempfile, time
 
 def child(model_dir):
-    import loreft  # first: loads the fast BLAS unless LOREFT_NO_FAST_BLAS=1
+    import loreft  # noqa: F401  (first: loads the fast BLAS unless LOREFT_NO_FAST_BLAS=1)
     from loreft.blas import enable_fast_blas
     import numpy as np
     import mlx.core as mx

@@ -122,19 +122,18 @@ def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, r
     tokens = make_tokens(s)
     B, P = s.batch, prompt_length(s)
     if s.data == "all":  # loss on every token; not expressible as a prompt/completion Batch
-        arrays = (mx.array(tokens), mx.ones((B, s.seq)), reft.locations([P] * B).as_arrays(), None)
+        arrays = (mx.array(tokens), mx.ones((B, s.seq)), reft.locations([P] * B).as_arrays(), None, mx.array(tokens.size))
     else:
         batch = Batch(tokens=tokens, prompt_lengths=np.full(B, P, np.int32), lengths=np.full(B, s.seq + 1, np.int32))
         arrays = batch_arrays(reft, batch)
-    tokens_mx, mask, locs, picks = arrays
     model.train()
     with levers_off(off):
         step_fn, state = _make_step(reft, optimizer, cfg, compiled="compile" not in off)
 
     def step():
         with levers_off(off):
-            loss, ntoks, _ = step_fn(tokens_mx, mask, locs, None, True, picks)
-            mx.eval(state, loss, ntoks)
+            loss, *counts, _ = step_fn(*arrays, None, True)
+            mx.eval(state, loss, counts)
         if clear_cache:
             mx.clear_cache()
 

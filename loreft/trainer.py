@@ -128,12 +128,13 @@ def supervised_positions(mask: np.ndarray) -> np.ndarray | None:
     return np.concatenate([hits, pad]).astype(np.int32)
 
 
-def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None]:
-    """Device arrays for one batch: tokens, loss mask, the intervention locations, supervised positions."""
+def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None, mx.array]:
+    """The training step's inputs for one batch: tokens, loss mask, intervention locations, supervised positions, token count."""
     locations = reft.locations(batch.prompt_lengths)
     mask = batch.loss_mask()
     picks = supervised_positions(mask)
-    return mx.array(batch.tokens), mx.array(mask), locations.as_arrays(), None if picks is None else mx.array(picks)
+    return (mx.array(batch.tokens), mx.array(mask), locations.as_arrays(), None if picks is None else mx.array(picks),
+            mx.array(int(batch.lengths.sum())))
 
 
 def evaluate_loss(
@@ -258,41 +259,41 @@ def _batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: in
 
 def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, compiled: bool = True):
     model = reft.model
-    distributed = mx.distributed.init().size() > 1
     head = output_head(model)  # logits at supervised positions only, where the model's layout allows
     interventions = list(reft.interventions().values())
 
-    def loss(model, tokens, mask, locs, picks=None, denominator=None):
+    def loss(model, tokens, mask, locs, picks=None):
         reft.set_locations(Locations.from_arrays(reft.groups, locs))
         try:
             with batched_rotations(interventions):  # every R in one batched pass, not one per intervention
-                s, n = completion_loss(model, tokens, mask, picks, head)
+                return completion_loss(model, tokens, mask, picks, head)  # differentiated: the loss *sum*
         finally:
             reft.set_locations(None)
-        # one process: the batch's token mean; distributed: this rank's part of the global batch's token mean
-        return s / (n if denominator is None else denominator), n
 
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def step(tokens, mask, locs, prev_grad, do_update, picks=None):
-        # Ranks hold different numbers of target tokens, so a mean of per-rank means is not the global
-        # mean: divide each rank's loss sum by the global count, then add the ranks' gradients.
-        denominator = mx.distributed.all_sum(mask.sum()) if distributed else None
-        (value, ntoks), grad = loss_and_grad(model, tokens, mask, locs, picks, denominator)
-        if distributed:
-            value, ntoks = mx.distributed.all_sum(value), denominator  # the global batch's loss on every rank
-        if prev_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+    def step(tokens, mask, locs, picks, n_tokens, carry, do_update):
+        # Gradients of loss sums, divided by the target count of the whole update only after adding them up
+        # (over ranks and accumulated batches): the token mean of the global batch, whatever each share
+        # holds, with one all-reduce per step that carries the counts too (no collective mid-step).
+        (total, targets), grad = loss_and_grad(model, tokens, mask, locs, picks)
+        counts = mx.stack([total, targets, n_tokens.astype(mx.float32)])  # this rank's loss sum, targets, tokens
+        grad_sum, targets_before = carry if carry is not None else (None, 0.0)
+        if grad_sum is not None:
+            grad = tree_map(lambda a, b: a + b, grad, grad_sum)
         if do_update:
-            grad = _sum_tree_across_ranks(grad)  # one all-reduce per update; identity on one process
-            if cfg.grad_accumulation_steps > 1:
-                grad = tree_map(lambda g: g / cfg.grad_accumulation_steps, grad)
+            counts, grad = _sum_tree_across_ranks((counts, grad))  # identity on one process
+            grad = tree_map(lambda g: g / (targets_before + counts[1]), grad)
             if cfg.grad_clip > 0:
                 grad, _ = optim.clip_grad_norm(grad, cfg.grad_clip)
             optimizer.update(model, grad)
-            grad = None
-        return value, ntoks, grad
+            carry = None
+        else:
+            counts = _sum_tree_across_ranks(counts)
+            carry = (grad, targets_before + counts[1])
+        # the global batch's loss, target and token counts on every rank, and the learning rate it used
+        return counts[0] / counts[1], counts[1], counts[2], optimizer.learning_rate, carry
 
     return (mx.compile(step, inputs=state, outputs=state) if compiled else step), state
 
@@ -401,13 +402,13 @@ def train(
         })
 
     model.train()
-    grad_accum, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
+    carry, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
     window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
-    train_time, steps_done, local_tokens = 0.0, 0, 0
-    # On one process the next step is queued before this one's loss is read, so the device never waits for
-    # the host's bookkeeping; a step whose evaluation or checkpoint needs the weights right after it is read
-    # before anything else is queued. Several processes stay in lockstep (their stop vote syncs each step).
-    ahead = 1 + QUEUE_AHEAD if world.size() == 1 else 1
+    train_time, steps_done, seen_tokens = 0.0, 0, 0  # seen_tokens: all ranks' tokens in this run's steps
+    # The next step is queued before this one's loss is read, so the device never waits for the host's
+    # bookkeeping; a step whose evaluation or checkpoint needs the weights right after it is read before
+    # anything else is queued. A stop rolls the queued step back, so training ends exactly where asked.
+    ahead = 1 + QUEUE_AHEAD
 
     def eval_due(done: int) -> bool:
         return bool(valid_set and cfg.steps_per_eval and done % cfg.steps_per_eval == 0) and done < total_steps
@@ -419,56 +420,64 @@ def train(
         return done == total_steps or eval_due(done) or checkpoint_due(done)
 
     def dispatch(step: int, batch: Batch) -> tuple:
-        nonlocal grad_accum
-        # references to the state before this step (arrays are immutable): a stop seen on the step before
-        # rolls this one back, so training still ends exactly where the stop was asked for
-        before = (tree_map(lambda x: x, model.trainable_parameters()), tree_map(lambda x: x, optimizer.state), grad_accum)
+        nonlocal carry
+        # references to the state before this step (arrays are immutable), to roll it back on a stop
+        before = (tree_map(lambda x: x, model.trainable_parameters()), tree_map(lambda x: x, optimizer.state), carry)
         # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
         mx.random.seed((cfg.seed * 1_000_003 + step) * world.size() + world.rank())
-        tokens, mask, locs, picks = batch_arrays(reft, batch)
         do_update = (step + 1) % accum == 0 or step + 1 == total_steps
-        loss, ntoks, grad_accum = step_fn(tokens, mask, locs, grad_accum, do_update, picks)
-        mx.async_eval(state, loss, ntoks, grad_accum)
-        return step, batch, loss, ntoks, before
+        *results, carry = step_fn(*batch_arrays(reft, batch), carry, do_update)
+        mx.async_eval(state, results, carry)
+        return step, results, before
+
+    def roll_back(before: tuple) -> None:
+        nonlocal carry
+        params, optimizer.state, carry = before
+        model.update(params)
 
     stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
     pending = next(stream, None)
     queued: list[tuple] = []
+    late_vote = None  # several processes: the stop vote taken after the step before the one being read
     tic = time.perf_counter()
     while pending is not None or queued:
         if pending is not None and not stopped and len(queued) < ahead and not (queued and needs_weights(queued[-1][0] + 1)):
             queued.append(dispatch(*pending))
             pending = next(stream, None)  # prepare the next batch on the host while the device works
             continue
-        if not queued:
+        if not queued:  # stopped with batches left
             break
-        step, batch, loss, ntoks, _ = queued.pop(0)
-        loss_value, ntoks_value = loss.item(), int(ntoks.item())
+        step, results, before = queued.pop(0)
+        if late_vote is not None and late_vote.item() > 0:  # a rank asked to stop before this step: undo it
+            roll_back(before)
+            queued.clear()
+            stopped = True
+            break
+        late_vote = None
+        loss, targets, tokens, lr = results
+        loss_value, targets_value, tokens_value = loss.item(), int(targets.item()), int(tokens.item())
         now = time.perf_counter()
         elapsed, tic = now - tic, now
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(_non_finite_message(f"loss became {loss_value}", step + 1, last_checkpoint, cfg))
-        n_real = int(batch.lengths.sum())  # this rank's tokens
-        local_tokens += n_real
+        seen_tokens += tokens_value
         train_time += elapsed
         steps_done += 1
-        window["loss"] += loss_value * ntoks_value
-        window["targets"] += ntoks_value
-        window["tokens"] += n_real
+        window["loss"] += loss_value * targets_value
+        window["targets"] += targets_value
+        window["tokens"] += tokens_value
         window["time"] += elapsed
         done = step + 1
         for cb in callbacks:
             cb.on_step(done, total_steps)
 
         if done % cfg.steps_per_report == 0 or done == total_steps:
-            # loss and targets are already global (the step all-reduces them); token counts are per rank
-            tokens_sum, seen = _sum_across_ranks(mx.array([window["tokens"], local_tokens], mx.int64)).tolist()
-            row = {
+            row = {  # losses and counts are the global batch's: the step all-reduces them
                 "kind": "train", "step": done, "epoch": step // per_epoch,
                 "loss": window["loss"] / max(window["targets"], 1),
-                "learning_rate": float(optimizer.learning_rate.item()),
-                "tokens_per_sec": tokens_sum / max(window["time"], 1e-9),
-                "trained_tokens": trained_tokens + seen,
+                "learning_rate": lr.item(),
+                "tokens_per_sec": window["tokens"] / max(window["time"], 1e-9),
+                "trained_tokens": trained_tokens + seen_tokens,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "eta_s": (total_steps - done) * train_time / steps_done,
                 "progress": done / total_steps,
@@ -480,23 +489,24 @@ def train(
 
         if eval_due(done):
             run_eval(done, "valid", valid_set)
-        if checkpoint_due(done) and grad_accum is None:
+        if checkpoint_due(done) and carry is None:
             _check_finite(reft, done, last_checkpoint, cfg)  # this step's update may have gone bad: never save it
             folder = adapter_dir / CHECKPOINTS / f"step-{done:07d}"
-            seen = int(_sum_across_ranks(mx.array(local_tokens, mx.int64)).item())
             if is_main:  # only rank 0 writes; the others may not even share its disk
-                save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens + seen}, **adapter_kw)
+                save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens + seen_tokens}, **adapter_kw)
             last_checkpoint = folder
             for cb in callbacks:
                 cb.on_checkpoint(done, folder)
         if needs_weights(done):
             tic = time.perf_counter()  # evaluation and checkpoint time is not training time
-        if not stopped and _any_rank(any(cb.should_stop() for cb in callbacks)):
+        asked = any(cb.should_stop() for cb in callbacks)
+        if world.size() > 1 and queued:
+            # reading the vote now would wait for the step queued behind it: read it with that step's loss
+            late_vote = _vote_to_stop(asked)
+        elif not stopped and (asked if world.size() == 1 else _vote_to_stop(asked).item() > 0):
             stopped = True
             if queued:  # undo the step queued behind this one
-                params, opt_state, grad_accum = queued[0][4]
-                model.update(params)
-                optimizer.state = opt_state
+                roll_back(queued[0][2])
                 queued.clear()
 
     final_step = start + steps_done
@@ -528,9 +538,8 @@ def _check_finite(reft: Reft, step: int, last_checkpoint: Path | None, cfg: Trai
         raise NonFiniteLossError(_non_finite_message("intervention weights became non-finite", step, last_checkpoint, cfg))
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when any rank asks to stop, so all ranks leave the loop together."""
-    world = mx.distributed.init()
-    if world.size() == 1:
-        return flag
-    return mx.distributed.all_sum(mx.array(int(flag))).item() > 0
+def _vote_to_stop(flag: bool) -> mx.array:
+    """How many ranks ask to stop (queued on the device, not read): all ranks leave the loop together."""
+    vote = mx.distributed.all_sum(mx.array(int(flag)))
+    mx.async_eval(vote)
+    return vote

@@ -88,7 +88,7 @@ def main(model_dir: str, out: str, scenarios: str) -> None:
         summary = train(reft, train_set, valid_set, config(), out / f"B-{rank}", pad_id=pad_id, resume_from=found)
         results["B"] = record("B", reft, summary)
         results["B"].update(first_steps=first["steps"], first_stopped=first["stopped"], found=str(found) if found else None)
-    if "C" in scenarios:  # rank 0's weights go bad after step 1: every rank must stop at step 2
+    if "C" in scenarios:  # rank 0's weights go bad after step 1: every rank must stop at the first step using them
         reft = fresh()
         cb = Recorder(reft, poison_after=1)
         try:
@@ -97,6 +97,11 @@ def main(model_dir: str, out: str, scenarios: str) -> None:
             results["C"] = {"error": None}
         except NonFiniteLossError as e:
             results["C"] = {"error": str(e)}
+    if "D" in scenarios:  # stop asked after step 3 while step 4 is already queued: step 4 is undone everywhere
+        reft, cb = fresh(), Recorder(stop_after=3)
+        summary = train(reft, train_set, None, config(save_every=0, steps_per_eval=0, grad_accumulation_steps=1),
+                        out / f"D-{rank}", callbacks=[cb], pad_id=pad_id)
+        results["D"] = record("D", reft, summary, cb)
     (out / f"rank-{rank}.json").write_text(json.dumps(results))
 
 

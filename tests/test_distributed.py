@@ -75,8 +75,8 @@ def runs(ring_ok, tiny_model_dir, tmp_path_factory):
     spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    worker.main(str(tiny_model_dir), str(single), "A")  # this process is a world of one
-    out = ring([str(WORKER), str(tiny_model_dir), str(multi), "ABC"], timeout=240)
+    worker.main(str(tiny_model_dir), str(single), "AD")  # this process is a world of one
+    out = ring([str(WORKER), str(tiny_model_dir), str(multi), "ABCD"], timeout=240)
     files = [multi / f"rank-{r}.json" for r in range(2)]
     assert all(f.exists() for f in files), f"a rank failed:\n{(out.stdout + out.stderr)[-3000:]}"
     ranks = [json.loads(f.read_text()) for f in files]
@@ -138,11 +138,26 @@ def test_stop_on_rank_zero_then_resume_from_rank_zeros_checkpoint(runs):
     assert [r["loss"] for r in history(multi_dir / "B-0")] == pytest.approx([r["loss"] for r in history(multi_dir / "A-0")], abs=TOL)
 
 
+def test_stop_between_queued_steps_ends_every_rank_at_the_asked_step(runs):
+    single, ranks, single_dir, multi_dir = runs
+    # rank 0 asks after step 3 with step 4 already queued; the ranks learn of it from a vote read with step
+    # 4's loss, and roll step 4 back: the same end as one process, which stops at once
+    assert single["D"]["summary"]["total_steps"] > 4
+    assert [r["D"]["summary"]["steps"] for r in ranks] == [single["D"]["summary"]["steps"]] * 2 == [3, 3]
+    assert all(r["D"]["summary"]["stopped"] for r in ranks)
+    one = mx.load(str(single_dir / "D-weights-0.safetensors"))
+    for r in range(2):
+        assert max_diff(one, mx.load(str(multi_dir / f"D-weights-{r}.safetensors"))) < TOL
+    assert max_diff(one, mx.load(str(multi_dir / "A-weights-0.safetensors"))) > 1e-3  # not the whole run's weights
+    assert [r["step"] for r in history(multi_dir / "D-0")] == [1, 2, 3]
+
+
 def test_non_finite_loss_on_one_rank_stops_every_rank(runs):
     _, ranks, _, _ = runs
-    # only rank 0's weights were poisoned after step 1; the global loss of step 2 is NaN on both ranks
-    for r in ranks:
-        assert r["C"]["error"] is not None and "loss became nan at step 2" in r["C"]["error"]
+    # only rank 0's weights were poisoned after step 1, while step 2 was already queued (the loop keeps one
+    # step ahead): step 3 is the first to use them, and its global loss is NaN on both ranks
+    assert ranks[0]["C"]["error"] == ranks[1]["C"]["error"]
+    assert ranks[0]["C"]["error"] is not None and "loss became nan at step 3" in ranks[0]["C"]["error"]
 
 
 # --- sharding rules (no launcher needed) ----------------------------------------------------------------

@@ -225,8 +225,9 @@ def test_schedule_warmup_then_linear_decay():
 
 
 def test_grad_accumulation_matches_large_batch(tiny_model_dir, tmp_path):
-    # rows of equal length: each micro-batch has the same number of targets, so mean-of-means = global mean
-    rows = [{"p": [1, 2, 3, 4], "c": [5 + i % 3, 6, 2]} for i in range(8)]
+    # completions of 1 to 4 tokens: the two micro-batches hold different numbers of targets, so only a token
+    # mean over the whole accumulated batch (not a mean of the micro-batches' means) equals the large batch
+    rows = [{"p": [1, 2, 3, 4], "c": [5 + i % 3, 6, 2, 7][: 1 + i % 4]} for i in range(8)]
     from loreft.data import Example
 
     ex = [Example(prompt=r["p"], completion=r["c"]) for r in rows]

@@ -156,7 +156,7 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
         if fast:
             step, state = _make_step(reft, opt, TrainConfig(learning_rate=1e-2))
             picks = supervised_positions(mask)
-            loss, _, _ = step(tokens, mx.array(mask), locs.as_arrays(), None, True, mx.array(picks))
+            loss, *_ = step(tokens, mx.array(mask), locs.as_arrays(), mx.array(picks), mx.array(tokens.size), None, True)
             mx.eval(state, loss)
         else:
             reft.set_locations(locs)
@@ -172,4 +172,7 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
     (loss_fast, p_fast), (loss_plain, p_plain) = results
     assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
     for k in p_plain:
-        np.testing.assert_allclose(p_fast[k], p_plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        # Adam's first update is about lr * g / |g|: an element whose gradient is near zero turns float32
+        # rounding (the step divides the summed gradient by the count, the plain loss divides first) into
+        # ~1e-6; a wrong update would be off by about lr = 1e-2
+        np.testing.assert_allclose(p_fast[k], p_plain[k], rtol=1e-5, atol=1e-5, err_msg=k)
