@@ -1,0 +1,92 @@
+"""Where a training step's time goes: host work to queue it against the device's time to run it.
+
+For the step `loreft.trainer.train` runs (built by `_make_step`), on a random-weight model of a public shape:
+  prep   host time to build the step's inputs from a Batch (locations, supervised positions, copies)
+  trace  host time of the compiled step's call (replaying the graph)
+  queue  host time of mx.async_eval (encoding every kernel, and collectives, for the device)
+  step   wall time per step with --steps steps queued back to back (the device's pace unless the host's is slower)
+  lockstep  wall time per step when each step's loss is read before the next is queued
+A step whose prep + trace + queue is close to `step` is host-bound: a faster device would not help it.
+Runs under `mlx.launch` too (each rank reports its own numbers; the step then all-reduces gradients).
+
+    python bench/step_timing.py --batch 8 --seq 512
+    mlx.launch --backend nccl --hosts 127.0.0.1 -n 2 -- python bench/step_timing.py --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="qwen2-0.5b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=8, help="rows per rank")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--layers", default="all", help='"0": one intervention, at the bottom: about the base model\'s own step')
+    a = p.parse_args()
+
+    import loreft  # noqa: F401  (first: the fast BLAS on a Linux CPU)
+    import mlx.core as mx
+    import numpy as np
+
+    from bench.distributed import build_model
+    from bench.shapes import SHAPES
+    from loreft import ReftConfig, TrainConfig, attach
+    from loreft.data import Batch
+    from loreft.trainer import _make_step, batch_arrays, make_optimizer
+
+    world = mx.distributed.init()
+    model = build_model(a.shape, a.dtype)
+    reft = attach(model, ReftConfig(layers=a.layers, rank=8, positions="f7+l7"))
+    cfg = TrainConfig(learning_rate=1e-4, lr_schedule="constant", warmup_ratio=0.0, batch_size=a.batch, iters=1000)
+    optimizer = make_optimizer(cfg, 1000)
+    optimizer.init(model.trainable_parameters())
+    step_fn, state = _make_step(reft, optimizer, cfg)
+    rng = np.random.default_rng(world.rank())
+    tokens = rng.integers(1, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq + 1)).astype(np.int32)
+    batch = Batch(tokens=tokens, prompt_lengths=np.full(a.batch, 3 * a.seq // 4, np.int32),
+                  lengths=np.full(a.batch, a.seq + 1, np.int32))
+    model.train()
+
+    def run(n: int, lockstep: bool) -> dict:
+        spent = {"prep": 0.0, "trace": 0.0, "queue": 0.0}
+        losses = []
+        mx.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            arrays = batch_arrays(reft, batch)
+            t1 = time.perf_counter()
+            *results, _ = step_fn(*arrays, None, True)
+            t2 = time.perf_counter()
+            mx.async_eval(state, results)
+            t3 = time.perf_counter()
+            spent["prep"] += t1 - t0
+            spent["trace"] += t2 - t1
+            spent["queue"] += t3 - t2
+            losses.append(results[0])
+            if lockstep:
+                results[0].item()
+        mx.eval(losses)
+        wall = time.perf_counter() - start
+        return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n}
+
+    run(3, True)  # compile and warm up
+    queued, lockstep = run(a.steps, False), run(a.steps, True)
+    row = {"rank": world.rank(), "world": world.size(), "batch": a.batch, "seq": a.seq, "layers": a.layers,
+           "queued_ms": {k: round(v, 2) for k, v in queued.items()}, "lockstep_ms": round(lockstep["step"], 2),
+           "tokens_per_sec_per_rank": round(a.batch * a.seq / queued["step"] * 1e3)}
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
