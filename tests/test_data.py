@@ -291,7 +291,7 @@ def test_loss_mask_covers_exactly_completion_tokens(tiny_tokenizer):
     (batch,) = list(iterate_batches(examples, 3, shuffle=False, pad_id=tok.pad_token_id, pad_to=8))
     mask = batch.loss_mask()
     assert mask.shape == (3, batch.tokens.shape[1] - 1) and mask.dtype == np.float32
-    assert batch.tokens.shape[1] % 8 == 0 and batch.tokens.dtype == np.int32
+    assert mask.shape[1] % 8 == 0 and batch.tokens.dtype == np.int32  # the model's inputs: a multiple of pad_to
     by_prompt = {tuple(e.prompt): e for e in examples}
     for b in range(3):
         ex = by_prompt[tuple(batch.tokens[b, : batch.prompt_lengths[b]])]
@@ -302,6 +302,15 @@ def test_loss_mask_covers_exactly_completion_tokens(tiny_tokenizer):
                 assert mask[b, t] == 0
         assert (batch.tokens[b, ex.length:] == tok.pad_token_id).all()
     assert mask.sum() == batch.num_target_tokens == sum(len(e.completion) for e in examples)
+
+
+@pytest.mark.parametrize("longest, width", [(512, 513), (513, 513), (514, 545), (2, 33), (33, 33), (34, 65)])
+def test_inputs_are_padded_to_a_multiple_of_pad_to(longest, width):
+    # the model sees tokens[:, :-1]: that width, not the batch's, is rounded up (a row of 512 tokens gets one pad)
+    rows = [Example(prompt=[7] * (longest - 1), completion=[9]), Example(prompt=[5], completion=[6])]
+    batch = collate(rows, pad_id=0, pad_to=32)
+    assert batch.tokens.shape == (2, width)
+    assert batch.tokens[0, :longest].tolist() == [7] * (longest - 1) + [9] and not batch.tokens[0, longest:].any()
 
 
 def test_length_sorting_cuts_padding_below_unsorted_baseline():
