@@ -7,10 +7,13 @@ rank r the GPU CUDA_VISIBLE_DEVICES=r (MLX's nccl backend then uses the one GPU 
 
     python bench/distributed.py                       # qwen2-0.5b, bf16, global batch 16 x 512, 1 and 2 GPUs
     python bench/distributed.py --gpus 1,2,4 --steps 40
+    python bench/distributed.py --batch-per-gpu 16   # weak scaling: 16 rows on each GPU (global 16 x N)
     python bench/distributed.py --backend ring --shape llama-small --dtype float32 --batch 4 --seq 128 \
         --steps 6 --warmup 2 --gpus 1,2               # the mechanics on a CPU-only machine
 
-Scaling efficiency on N GPUs = tokens/s(N) / (N x tokens/s(1)). Results: JSON at --out.
+Scaling efficiency on N GPUs = tokens/s(N) / (N x tokens/s(1)). By default every run trains the same
+global batch (strong scaling: each of N GPUs gets 1/N of it); --batch-per-gpu keeps each GPU's share
+fixed instead (weak scaling, the usual figure for data parallelism). Results: JSON at --out.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def build_model(shape: str, dtype: str, seed: int = 0):
 
 def worker(a: argparse.Namespace) -> None:
     """One rank: train a.warmup + a.steps steps; rank 0 writes the measurement to a.result."""
+    import loreft  # noqa: F401  (first: the fast BLAS on a Linux CPU)
     import mlx.core as mx
     import numpy as np
 
@@ -95,7 +99,7 @@ def worker(a: argparse.Namespace) -> None:
     window = a.warmup * a.batch * a.seq
     timed = [r for r in clock.rows if r["step"] > a.warmup]
     result = {
-        "world": world.size(), "tokens_per_sec": tps, "step_s": seconds / a.steps,
+        "world": world.size(), "global_batch": a.batch, "tokens_per_sec": tps, "step_s": seconds / a.steps,
         "tokens_per_sec_trainer": window * len(timed) / sum(window / r["tokens_per_sec"] for r in timed),
         "model_tflops": tps * train_flops_per_token(SHAPES[a.shape], a.seq) / 1e12,
         "peak_memory_gb_rank0": max(r["peak_memory_gb"] for r in clock.rows),
@@ -129,6 +133,7 @@ def main() -> None:
     p.add_argument("--shape", default="qwen2-0.5b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=16, help="global batch (rows per optimizer step, all ranks together)")
+    p.add_argument("--batch-per-gpu", type=int, default=0, help="rows per GPU per step; the global batch is this x GPUs (weak scaling)")
     p.add_argument("--seq", type=int, default=512, help="tokens per row")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--positions", default="f7+l7")
@@ -146,11 +151,13 @@ def main() -> None:
         p.error("--steps must be a multiple of --warmup (the report window)")
     if a.worker:
         return worker(a)
-    a.passthrough = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "queue_ahead")]
     counts = [int(n) for n in a.gpus.split(",")]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
+            if a.batch_per_gpu:
+                a.batch = a.batch_per_gpu * n
+            a.passthrough = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "queue_ahead")]
             runs[n] = launch(a, n, Path(tmp) / f"result-{n}.json")
             print(f"{n} GPU(s): {runs[n]['tokens_per_sec']:,.0f} tokens/s, {runs[n]['step_s'] * 1e3:.1f} ms/step, "
                   f"peak {runs[n]['peak_memory_gb_rank0']:.1f} GB on rank 0", flush=True)
@@ -161,7 +168,7 @@ def main() -> None:
         runs[n]["speedup"] = tps / (base * counts[0])
         runs[n]["efficiency"] = tps / (base * n)
         print(f"{n:>4} {tps:>12,.0f} {runs[n]['speedup']:>8.2f} {runs[n]['efficiency']:>10.1%}")
-    setting = {k: getattr(a, k) for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "backend", "queue_ahead")}
+    setting = {k: getattr(a, k) for k in ("shape", "dtype", "batch", "batch_per_gpu", "seq", "rank", "positions", "warmup", "steps", "backend", "queue_ahead")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"setting": setting, "runs": {str(n): r for n, r in runs.items()}}, indent=2))
     print(f"wrote {a.out}")
