@@ -6,10 +6,6 @@ from .blas import enable_fast_blas  # noqa: E402
 
 FAST_BLAS = enable_fast_blas()  # first: libmlx binds cblas_sgemm when mlx.core is first imported
 
-from .launch import plain_streams_for_nccl  # noqa: E402
-
-CUDA_GRAPHS_OFF = plain_streams_for_nccl()  # before the first GPU kernel: MLX reads the setting once
-
 from .adapter import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .config import ConfigError, ReftConfig, TrainConfig  # noqa: E402
 from .interventions import INTERVENTION_CLASSES, orthonormalize  # noqa: E402
