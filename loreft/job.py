@@ -51,7 +51,7 @@ PARAMETERS: list[Param] = [
     Param("warmup_ratio", float, _T.warmup_ratio, "Share of the updates spent warming up linearly.", minimum=0.0, maximum=1.0, group="train"),
     Param("weight_decay", float, _T.weight_decay, "AdamW weight decay (0 uses Adam).", minimum=0.0, group="train"),
     Param("batch_size", int, _T.batch_size, "Examples per batch.", minimum=1, group="train"),
-    Param("grad_accumulation_steps", int, _T.grad_accumulation_steps, "Batches per optimizer update.", minimum=1, group="train"),
+    Param("grad_accumulation_steps", int, _T.grad_accumulation_steps, "Batches per optimizer update (its gradient is the token mean over all of them, as one large batch).", minimum=1, group="train"),
     Param("epochs", int, _T.epochs, "Passes over the training split (ignored when iters > 0).", minimum=0, group="train"),
     Param("iters", int, _T.iters, "Total batches to train on; 0 uses epochs.", minimum=0, group="train"),
     Param("max_seq_length", int, _T.max_seq_length, "Longest prompt + completion in tokens.", minimum=2, group="train"),

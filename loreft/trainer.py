@@ -422,7 +422,7 @@ def train(
     def dispatch(step: int, batch: Batch) -> tuple:
         nonlocal carry
         # references to the state before this step (arrays are immutable), to roll it back on a stop
-        before = (tree_map(lambda x: x, model.trainable_parameters()), tree_map(lambda x: x, optimizer.state), carry)
+        before = (reft.parameters(), tree_map(lambda x: x, optimizer.state), carry)  # a flat dict: cheaper to take
         # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
         mx.random.seed((cfg.seed * 1_000_003 + step) * world.size() + world.rank())
         do_update = (step + 1) % accum == 0 or step + 1 == total_steps
@@ -433,7 +433,7 @@ def train(
     def roll_back(before: tuple) -> None:
         nonlocal carry
         params, optimizer.state, carry = before
-        model.update(params)
+        reft.load_parameters(params)
 
     stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
     pending = next(stream, None)

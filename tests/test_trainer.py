@@ -180,6 +180,13 @@ def test_stop_request_saves_a_loadable_adapter(tiny_model_dir, examples, tmp_pat
     model, _ = mlx_lm.load(str(tiny_model_dir))
     reft = load_adapter(model, tmp_path / "a")
     assert set(reft.parameters()) == set(fresh(tiny_model_dir).parameters())
+    # step 2 was already queued when the stop came: it was undone, so the adapter is one step's training
+    one_step = train(fresh(tiny_model_dir), ex, None, cfg(iters=1, lr_schedule="constant"), tmp_path / "b", pad_id=pad)
+    stopped = train(fresh(tiny_model_dir), ex, None, cfg(epochs=10, lr_schedule="constant"), tmp_path / "c", pad_id=pad,
+                    callbacks=[StopNow()])
+    assert one_step["steps"] == stopped["steps"] == 1
+    a, b = (mx.load(str(tmp_path / d / "adapter.safetensors")) for d in "bc")
+    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) < 1e-6
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, examples, tmp_path):
