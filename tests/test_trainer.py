@@ -268,3 +268,15 @@ def test_mixed_precision_keeps_interventions_and_optimizer_in_float32(tiny_model
     x = mx.array([ex[0].prompt])
     reft.set_locations(reft.locations([len(ex[0].prompt)]))
     assert model(x).dtype == mx.bfloat16
+
+
+def test_reported_learning_rate_is_the_one_each_update_used(tiny_model_dir, examples, tmp_path):
+    ex, pad = examples
+    summary = train(fresh(tiny_model_dir), ex, None, cfg(epochs=2, lr_schedule="linear"), tmp_path / "a", pad_id=pad)
+    total = summary["total_steps"]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    reported = [(r["step"], r["learning_rate"]) for r in rows if r["kind"] == "train"]
+    assert [s for s, _ in reported] == list(range(1, total + 1))
+    # no warmup: update k (1-based) uses 1e-2 * (1 - (k - 1) / total), read while the next step is queued
+    for step, lr in reported:
+        assert lr == pytest.approx(1e-2 * (1 - (step - 1) / total), rel=1e-5), step
