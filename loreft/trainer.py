@@ -27,7 +27,7 @@ PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct sha
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-QUEUE_AHEAD = 1  # steps queued behind the one whose loss is being read (one process); 0: lockstep
+QUEUE_AHEAD = 1  # steps queued behind the one whose loss is being read; 0: lockstep
 
 
 class NonFiniteLossError(RuntimeError):
