@@ -65,6 +65,9 @@ def worker(a: argparse.Namespace) -> None:
         trainer.plot_loss = lambda *args, **kwargs: None
 
     trainer.QUEUE_AHEAD = a.queue_ahead
+    trainer.STAGE_STEPS = a.stage_steps
+    if not a.stop_vote:  # to measure what the per-step stop vote costs: this run cannot be stopped
+        trainer._vote_to_stop = lambda flag: mx.array(int(flag))
     world = mx.distributed.init()
     model = build_model(a.shape, a.dtype)
     reft = attach(model, ReftConfig(layers="all", rank=a.rank, positions=a.positions, seed=0))
@@ -105,7 +108,7 @@ def worker(a: argparse.Namespace) -> None:
         "peak_memory_gb_rank0": max(r["peak_memory_gb"] for r in clock.rows),
         "losses": [r["loss"] for r in clock.rows], "train_time_s": summary["train_time_s"],
         "device": str(mx.default_device()), "device_info": {k: str(v) for k, v in mx.device_info().items()},
-        "mlx": mx.__version__,
+        "mlx": mx.__version__, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),  # loreft sets it on CUDA
     }
     Path(a.result).write_text(json.dumps(result))
 
@@ -141,6 +144,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps (a multiple of --warmup)")
     p.add_argument("--gpus", default="1,2", help="process counts to run, e.g. 1,2,4")
     p.add_argument("--queue-ahead", type=int, default=1, help="loreft.trainer.QUEUE_AHEAD (0: read each loss before queuing the next step)")
+    p.add_argument("--stage-steps", type=int, default=32, help="loreft.trainer.STAGE_STEPS (steps whose inputs are uploaded together)")
+    p.add_argument("--stop-vote", type=int, default=1, help="0: skip the per-step stop vote of several processes (to measure its cost)")
     p.add_argument("--backend", default="nccl", help="mlx.launch backend for runs on more than one process")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.json"))
@@ -157,7 +162,7 @@ def main() -> None:
         for n in counts:
             if a.batch_per_gpu:
                 a.batch = a.batch_per_gpu * n
-            a.passthrough = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "queue_ahead")]
+            a.passthrough = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("shape", "dtype", "batch", "seq", "rank", "positions", "warmup", "steps", "queue_ahead", "stage_steps", "stop_vote")]
             runs[n] = launch(a, n, Path(tmp) / f"result-{n}.json")
             print(f"{n} GPU(s): {runs[n]['tokens_per_sec']:,.0f} tokens/s, {runs[n]['step_s'] * 1e3:.1f} ms/step, "
                   f"peak {runs[n]['peak_memory_gb_rank0']:.1f} GB on rank 0", flush=True)
@@ -168,7 +173,7 @@ def main() -> None:
         runs[n]["speedup"] = tps / (base * counts[0])
         runs[n]["efficiency"] = tps / (base * n)
         print(f"{n:>4} {tps:>12,.0f} {runs[n]['speedup']:>8.2f} {runs[n]['efficiency']:>10.1%}")
-    setting = {k: getattr(a, k) for k in ("shape", "dtype", "batch", "batch_per_gpu", "seq", "rank", "positions", "warmup", "steps", "backend", "queue_ahead")}
+    setting = {k: getattr(a, k) for k in ("shape", "dtype", "batch", "batch_per_gpu", "seq", "rank", "positions", "warmup", "steps", "backend", "queue_ahead", "stage_steps", "stop_vote")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"setting": setting, "runs": {str(n): r for n, r in runs.items()}}, indent=2))
     print(f"wrote {a.out}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--layers", default="all", help='"0": one intervention, at the bottom: about the base model\'s own step')
+    p.add_argument("--inputs", choices=["staged", "per-step", "reuse"], default="staged",
+                   help="staged: uploaded STAGE_STEPS steps at a time, as train() does; per-step: six arrays "
+                        "made every step; reuse: made once (no upload at all)")
     a = p.parse_args()
 
     import loreft  # noqa: F401  (first: the fast BLAS on a Linux CPU)
@@ -42,7 +46,7 @@ def main() -> None:
     from bench.shapes import SHAPES
     from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Batch
-    from loreft.trainer import _make_step, batch_arrays, make_optimizer
+    from loreft.trainer import STAGE_STEPS, _make_step, batch_arrays, make_optimizer, stage_batches
 
     world = mx.distributed.init()
     model = build_model(a.shape, a.dtype)
@@ -62,9 +66,14 @@ def main() -> None:
         losses = []
         mx.synchronize()
         start = time.perf_counter()
+        staged = []
         for _ in range(n):
             t0 = time.perf_counter()
-            arrays = batch_arrays(reft, batch)
+            if a.inputs == "staged":
+                staged = staged or stage_batches(reft, [batch] * STAGE_STEPS)
+                arrays = staged.pop()
+            else:
+                arrays = fixed if a.inputs == "reuse" else batch_arrays(reft, batch)
             t1 = time.perf_counter()
             *results, _ = step_fn(*arrays, None, True)
             t2 = time.perf_counter()
@@ -80,9 +89,12 @@ def main() -> None:
         wall = time.perf_counter() - start
         return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n}
 
+    fixed = batch_arrays(reft, batch)
+    mx.eval(fixed)
     run(3, True)  # compile and warm up
     queued, lockstep = run(a.steps, False), run(a.steps, True)
     row = {"rank": world.rank(), "world": world.size(), "batch": a.batch, "seq": a.seq, "layers": a.layers,
+           "inputs": a.inputs, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
            "queued_ms": {k: round(v, 2) for k, v in queued.items()}, "lockstep_ms": round(lockstep["step"], 2),
            "tokens_per_sec_per_rank": round(a.batch * a.seq / queued["step"] * 1e3)}
     print(json.dumps(row), flush=True)

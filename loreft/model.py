@@ -156,9 +156,9 @@ class Reft:
         """Every intervention by key 'layers.<i>.<group>'."""
         return {f"layers.{i}.{g}": b.interventions[g] for i, b in self.blocks.items() for g in self.groups}
 
-    def locations(self, prompt_lengths, offsets=None) -> Locations:
-        """Locations for a batch of prompts of these lengths (offsets: left padding per row)."""
-        return prompt_locations(prompt_lengths, self.first_n, self.last_n, self.config.share_weights, offsets)
+    def locations(self, prompt_lengths, offsets=None, host: bool = False) -> Locations:
+        """Locations for a batch of prompts of these lengths (offsets: left padding per row; host: numpy arrays)."""
+        return prompt_locations(prompt_lengths, self.first_n, self.last_n, self.config.share_weights, offsets, host)
 
     def set_locations(self, locations: Locations | None) -> None:
         """Edit at these locations on the next calls; None turns the edit off (plain base model)."""

@@ -44,12 +44,13 @@ def group_names(first_n: int, last_n: int, share_weights: bool) -> list[str]:
 
 
 def prompt_locations(
-    prompt_lengths, first_n: int, last_n: int, share_weights: bool = False, offsets=None
+    prompt_lengths, first_n: int, last_n: int, share_weights: bool = False, offsets=None, host: bool = False
 ) -> Locations:
     """Locations of the first-n / last-n prompt tokens ("l1" is the last prompt token).
 
     prompt_lengths: (B,) true prompt lengths; offsets: (B,) index of each prompt's first token
     (left padding), default 0. Slot k of 'last' holds the k-th of the last n positions, in order.
+    host=True keeps the arrays in numpy (the trainer uploads many batches' inputs at once).
     """
     lengths = np.asarray(prompt_lengths, dtype=np.int64).reshape(-1)
     offs = np.zeros_like(lengths) if offsets is None else np.asarray(offsets, dtype=np.int64).reshape(-1)
@@ -74,7 +75,7 @@ def prompt_locations(
             idx, ok = first_idx, first_ok
         else:
             idx, ok = last_idx, last_ok
-        groups[name] = (mx.array(idx), mx.array(ok))
+        groups[name] = (idx, ok) if host else (mx.array(idx), mx.array(ok))
     end = int(max(offs + lengths)) if B else 0
     return Locations(groups, end)
 

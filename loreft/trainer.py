@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from itertools import accumulate
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -28,6 +28,7 @@ CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 QUEUE_AHEAD = 1  # steps queued behind the one whose loss is being read; 0: lockstep
+STAGE_STEPS = 32  # steps whose inputs are uploaded together (stage_batches)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,11 +131,44 @@ def supervised_positions(mask: np.ndarray) -> np.ndarray | None:
 
 def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None, mx.array]:
     """The training step's inputs for one batch: tokens, loss mask, intervention locations, supervised positions, token count."""
-    locations = reft.locations(batch.prompt_lengths)
-    mask = batch.loss_mask()
-    picks = supervised_positions(mask)
-    return (mx.array(batch.tokens), mx.array(mask), locations.as_arrays(), None if picks is None else mx.array(picks),
-            mx.array(int(batch.lengths.sum())))
+    return stage_batches(reft, [batch])[0]
+
+
+def stage_batches(reft: Reft, batches: Sequence[Batch]) -> list[tuple]:
+    """batch_arrays for several batches, all views of one uploaded array.
+
+    On CUDA, an array made from host data may take a cached device buffer of its size, which MLX then
+    moves to unified memory with a copy that waits for the GPU: one upload for many steps' inputs, rather
+    than six per step, keeps the host from stalling while it queues work (bench/step_timing.py).
+    """
+    pieces, layout = [], []
+    for batch in batches:
+        mask = batch.loss_mask()
+        picks = supervised_positions(mask)
+        total = np.array(batch.lengths.sum(), np.int32)
+        arrays = [batch.tokens, mask, *reft.locations(batch.prompt_lengths, host=True).as_arrays(), picks, total]
+        layout.append([])
+        for a in arrays:
+            if a is None:
+                layout[-1].append(None)
+                continue
+            a = np.asarray(a, np.float32 if a.dtype.kind == "f" else np.int32)
+            layout[-1].append((sum(p.size for p in pieces), a.shape, a.dtype))
+            pieces.append(np.ascontiguousarray(a.reshape(-1)).view(np.int32))  # floats travel as their bits
+    flat = mx.array(np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
+
+    def view(entry):
+        if entry is None:
+            return None
+        start, shape, dtype = entry
+        part = flat[start:start + math.prod(shape)]
+        return (part.view(mx.float32) if dtype == np.float32 else part).reshape(shape)
+
+    staged = []
+    for entries in layout:
+        tokens, mask, *locs, picks, total = [view(e) for e in entries]
+        staged.append((tokens, mask, locs, picks, total))
+    return staged
 
 
 def evaluate_loss(
@@ -255,6 +289,12 @@ def _batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: in
             step += 1
             if step >= total:
                 return
+
+
+def _staged(stream: Iterator[tuple[int, Batch]], reft: Reft) -> Iterator[tuple[int, tuple]]:
+    """(step, step inputs) for a (step, batch) stream, the inputs uploaded STAGE_STEPS steps at a time."""
+    while chunk := list(islice(stream, STAGE_STEPS)):
+        yield from zip([step for step, _ in chunk], stage_batches(reft, [batch for _, batch in chunk]))
 
 
 def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, compiled: bool = True):
@@ -419,14 +459,14 @@ def train(
     def needs_weights(done: int) -> bool:  # what runs after this step must see the weights as it left them
         return done == total_steps or eval_due(done) or checkpoint_due(done)
 
-    def dispatch(step: int, batch: Batch) -> tuple:
+    def dispatch(step: int, inputs: tuple) -> tuple:
         nonlocal carry
         # references to the state before this step (arrays are immutable), to roll it back on a stop
         before = (reft.parameters(), tree_map(lambda x: x, optimizer.state), carry)  # a flat dict: cheaper to take
         # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
         mx.random.seed((cfg.seed * 1_000_003 + step) * world.size() + world.rank())
         do_update = (step + 1) % accum == 0 or step + 1 == total_steps
-        *results, carry = step_fn(*batch_arrays(reft, batch), carry, do_update)
+        *results, carry = step_fn(*inputs, carry, do_update)
         mx.async_eval(state, results, carry)
         return step, results, before
 
@@ -435,7 +475,7 @@ def train(
         params, optimizer.state, carry = before
         reft.load_parameters(params)
 
-    stream = _batch_stream(train_set, cfg, start, total_steps, pad_id)
+    stream = _staged(_batch_stream(train_set, cfg, start, total_steps, pad_id), reft)
     pending = next(stream, None)
     queued: list[tuple] = []
     late_vote = None  # several processes: the stop vote taken after the step before the one being read

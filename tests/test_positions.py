@@ -133,3 +133,13 @@ def test_apply_with_cache_offset_edits_only_positions_inside_the_chunk():
     parts = [np.array(apply_interventions(h[:, a:b], {g: iv for g in locs.groups}, locs, offset=a))
              for a, b in [(0, 4), (4, 8), (8, 10)]]
     np.testing.assert_array_equal(np.concatenate(parts, 1), whole)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_host_locations_are_numpy_with_the_same_positions(share):
+    lengths, offsets = [10, 3, 6, 1], [0, 2, 1, 4]
+    host = prompt_locations(lengths, 3, 2, share, offsets, host=True)
+    assert all(isinstance(a, np.ndarray) for pair in host.groups.values() for a in pair)
+    assert list(host.groups) == list(prompt_locations(lengths, 3, 2, share, offsets).groups)
+    assert np.array_equal(dense_mask(host, 12), expected_mask(lengths, 3, 2, 12, offsets))
+    assert host.end == prompt_locations(lengths, 3, 2, share, offsets).end

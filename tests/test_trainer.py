@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from loreft import ReftConfig, TrainConfig, attach, load_adapter
-from loreft.data import Formatter, collate, pad_id_for, tokenize_rows
+import loreft.trainer as trainer_module
+from loreft.data import Example, Formatter, collate, pad_id_for, tokenize_rows
 from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
 from loreft.reporting import Callback
-from loreft.trainer import NonFiniteLossError, completion_loss, make_optimizer, train
+from loreft.trainer import (NonFiniteLossError, completion_loss, make_optimizer, stage_batches, supervised_positions,
+                            train)
 
 REFT = ReftConfig(layers="1;2", rank=2, positions="f1+l1", seed=0)
 
@@ -280,3 +282,40 @@ def test_reported_learning_rate_is_the_one_each_update_used(tiny_model_dir, exam
     # no warmup: update k (1-based) uses 1e-2 * (1 - (k - 1) / total), read while the next step is queued
     for step, lr in reported:
         assert lr == pytest.approx(1e-2 * (1 - (step - 1) / total), rel=1e-5), step
+
+
+def test_staged_inputs_are_each_batchs_own_arrays(tiny_model_dir):
+    # several batches of different widths, one with and one without supervised-position picks, uploaded as one array
+    reft = fresh(tiny_model_dir, ReftConfig(layers="1", rank=2, positions="f2+l1", seed=0))
+    rng = np.random.default_rng(0)
+    rows = [[(rng.integers(3, 50, 9).tolist(), rng.integers(3, 50, 4).tolist()),
+             (rng.integers(3, 50, 5).tolist(), rng.integers(3, 50, 2).tolist())],
+            [(rng.integers(3, 50, 3).tolist(), rng.integers(3, 50, 60).tolist())]]
+    batches = [collate([Example(p, c) for p, c in r], pad_id=0, pad_to=8) for r in rows]
+    staged = stage_batches(reft, batches)
+    assert len(staged) == 2
+    for batch, (tokens, mask, locs, picks, total) in zip(batches, staged):
+        host = reft.locations(batch.prompt_lengths, host=True).as_arrays()
+        want_picks = supervised_positions(batch.loss_mask())
+        assert tokens.dtype == mx.int32 and np.array_equal(np.array(tokens), batch.tokens)
+        assert mask.dtype == mx.float32 and np.array_equal(np.array(mask), batch.loss_mask())
+        assert len(locs) == len(host) and all(
+            a.dtype == (mx.float32 if h.dtype == np.float32 else mx.int32) and np.array_equal(np.array(a), h)
+            for a, h in zip(locs, host))
+        assert (picks is None) == (want_picks is None)
+        if picks is not None:
+            assert np.array_equal(np.array(picks), want_picks)
+        assert total.shape == () and total.item() == int(batch.lengths.sum())
+    assert staged[0][3] is not None and staged[1][3] is None  # 3/4+ supervised: full logits, no picks
+
+
+def test_upload_chunk_size_does_not_change_training(tiny_model_dir, examples, tmp_path, monkeypatch):
+    ex, pad = examples
+    runs = []
+    for size in (32, 5, 1):
+        monkeypatch.setattr(trainer_module, "STAGE_STEPS", size)
+        train(fresh(tiny_model_dir), ex, None, cfg(epochs=2), tmp_path / str(size), pad_id=pad)
+        runs.append(mx.load(str(tmp_path / str(size) / "adapter.safetensors")))
+    for other in runs[1:]:
+        for k in runs[0]:
+            assert np.array_equal(np.array(runs[0][k]), np.array(other[k])), k
