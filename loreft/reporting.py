@@ -13,7 +13,7 @@ class Callback:
     """Hooks the trainer calls; every method is optional."""
 
     def on_train_start(self, info: dict) -> None:
-        """info: total_steps, trainable, total_parameters, percent, config dicts."""
+        """info: total_steps, trainable, total_parameters, percent, notes (advice for this run), config dicts."""
 
     def on_step(self, step: int, total_steps: int) -> None:
         """After every optimizer step (cheap: no device sync)."""
@@ -86,11 +86,8 @@ class ProgressBar(Callback):
     def on_train_start(self, info):
         from tqdm import tqdm
 
-        print(
-            f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} "
-            f"({info['percent']:.4f}%)",
-            file=self.file,
-        )
+        for line in start_lines(info):
+            print(line, file=self.file)
         self.bar = tqdm(total=info["total_steps"], desc="train", unit="step", file=self.file, dynamic_ncols=True)
 
     def on_step(self, step, total_steps):
@@ -113,6 +110,12 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def start_lines(info: dict) -> list[str]:
+    """What a run shows when it starts: the trainable share of the model, then the trainer's notes."""
+    share = f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)"
+    return [share, *(f"Note: {n}" for n in info.get("notes", []))]
 
 
 def write_metrics(history: list[dict], path: Path) -> None:

@@ -29,6 +29,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 QUEUE_AHEAD = 1  # steps queued behind the one whose loss is being read; 0: lockstep
 STAGE_STEPS = 32  # steps whose inputs are uploaded together (stage_batches)
+ROWS_PER_GPU_TO_SCALE = 16  # below this, NCCL ranks were host-bound: 2 H200s slower than one (BENCHMARKS.md)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -438,7 +439,8 @@ def train(
     for cb in callbacks:
         cb.on_train_start({
             "total_steps": total_steps, "start_step": start, "trainable": stats.trainable,
-            "total_parameters": stats.total, "percent": stats.percent, **args_record,
+            "total_parameters": stats.total, "percent": stats.percent, "notes": _run_notes(cfg, world.size()),
+            **args_record,
         })
 
     model.train()
@@ -564,6 +566,17 @@ def train(
     for cb in callbacks:
         cb.on_end(summary)
     return summary
+
+
+def _run_notes(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Advice about this run's setting, shown when it starts."""
+    rows = cfg.batch_size // world_size
+    if world_size > 1 and mx.cuda.is_available() and rows < ROWS_PER_GPU_TO_SCALE:
+        return [f"each of the {world_size} GPUs trains {rows} rows per step: with fewer than {ROWS_PER_GPU_TO_SCALE}, "
+                f"queuing a step's kernels takes the host longer than the GPU takes to run them, and {world_size} GPUs "
+                f"can be slower than one. A batch_size of {2 * ROWS_PER_GPU_TO_SCALE * world_size} keeps every GPU busy; "
+                f"for this global batch, fewer GPUs train faster."]
+    return []
 
 
 def _non_finite_message(what: str, step: int, last_checkpoint: Path | None, cfg: TrainConfig) -> str:

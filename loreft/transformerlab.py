@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ConfigError
 from .job import PARAMETERS, PARAMS_BY_NAME, Job, coerce, job_from_params, run_job
-from .reporting import Callback
+from .reporting import Callback, start_lines
 
 # Parameters the app itself supplies (model_name, the dataset, adaptor_output_dir): not form fields.
 APP_FIELDS = ("model", "data", "adapter_dir")
@@ -158,7 +158,8 @@ class PluginReporter(Callback):
     def on_train_start(self, info):
         self.tlab.add_job_data("trainable_parameters", int(info["trainable"]))
         self.tlab.add_job_data("trainable_percent", float(info["percent"]))
-        self.log(f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)")
+        for line in start_lines(info):
+            self.log(line)
 
     def on_step(self, step, total_steps):
         if self.stopped or not self.throttle(force=step == total_steps):
@@ -202,7 +203,8 @@ class TaskReporter(Callback):
         self.total = info["total_steps"]
         self.lab.set_job_data_field("trainable_parameters", int(info["trainable"]))
         self.lab.set_job_data_field("trainable_percent", float(info["percent"]))
-        self.log(f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)")
+        for line in start_lines(info):
+            self.log(line)
 
     def on_step(self, step, total_steps):
         if not self.stop_requested and self.throttle():

@@ -319,3 +319,18 @@ def test_upload_chunk_size_does_not_change_training(tiny_model_dir, examples, tm
     for other in runs[1:]:
         for k in runs[0]:
             assert np.array_equal(np.array(runs[0][k]), np.array(other[k])), k
+
+
+def test_few_rows_per_gpu_gets_a_note_on_cuda_only(monkeypatch):
+    from loreft.reporting import start_lines
+    from loreft.trainer import ROWS_PER_GPU_TO_SCALE, _run_notes
+
+    small, large = cfg(batch_size=2 * (ROWS_PER_GPU_TO_SCALE - 1)), cfg(batch_size=2 * ROWS_PER_GPU_TO_SCALE)
+    monkeypatch.setattr(trainer_module.mx.cuda, "is_available", lambda: True)
+    notes = _run_notes(small, 2)
+    assert len(notes) == 1 and f"trains {ROWS_PER_GPU_TO_SCALE - 1} rows" in notes[0]
+    assert _run_notes(large, 2) == [] and _run_notes(small, 1) == []
+    lines = start_lines({"trainable": 10, "total_parameters": 1000, "percent": 1.0, "notes": notes})
+    assert lines[0].startswith("Trainable parameters: 10 of 1,000") and lines[1] == "Note: " + notes[0]
+    monkeypatch.setattr(trainer_module.mx.cuda, "is_available", lambda: False)  # measured on NCCL ranks only
+    assert _run_notes(small, 2) == []
