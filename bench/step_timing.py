@@ -1,7 +1,8 @@
 """Where a training step's time goes: host work to queue it against the device's time to run it.
 
 For the step `loreft.trainer.train` runs (built by `_make_step`), on a random-weight model of a public shape:
-  prep   host time to build the step's inputs from a Batch (locations, supervised positions, copies)
+  prep   host time to build the step's inputs from a Batch (locations, supervised positions, the upload:
+         STAGE_STEPS steps at once as train() does; --inputs per-step makes six arrays every step)
   trace  host time of the compiled step's call (replaying the graph)
   queue  host time of mx.async_eval (encoding every kernel, and collectives, for the device)
   step   wall time per step with --steps steps queued back to back (the device's pace unless the host's is slower)
