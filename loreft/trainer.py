@@ -142,7 +142,7 @@ def stage_batches(reft: Reft, batches: Sequence[Batch]) -> list[tuple]:
     moves to unified memory with a copy that waits for the GPU: one upload for many steps' inputs, rather
     than six per step, keeps the host from stalling while it queues work (bench/step_timing.py).
     """
-    pieces, layout = [], []
+    pieces, layout, offset = [], [], 0
     for batch in batches:
         mask = batch.loss_mask()
         picks = supervised_positions(mask)
@@ -154,8 +154,9 @@ def stage_batches(reft: Reft, batches: Sequence[Batch]) -> list[tuple]:
                 layout[-1].append(None)
                 continue
             a = np.asarray(a, np.float32 if a.dtype.kind == "f" else np.int32)
-            layout[-1].append((sum(p.size for p in pieces), a.shape, a.dtype))
+            layout[-1].append((offset, a.shape, a.dtype))
             pieces.append(np.ascontiguousarray(a.reshape(-1)).view(np.int32))  # floats travel as their bits
+            offset += a.size
     flat = mx.array(np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
 
     def view(entry):
