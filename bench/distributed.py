@@ -8,6 +8,7 @@ rank r the GPU CUDA_VISIBLE_DEVICES=r (MLX's nccl backend then uses the one GPU 
     python bench/distributed.py                       # qwen2-0.5b, bf16, global batch 16 x 512, 1 and 2 GPUs
     python bench/distributed.py --gpus 1,2,4 --steps 40
     python bench/distributed.py --batch-per-gpu 16   # weak scaling: 16 rows on each GPU (global 16 x N)
+    python bench/distributed.py --batch-per-gpu 32   # the setting that meets the 1.8x-on-2-GPUs target
     python bench/distributed.py --backend ring --shape llama-small --dtype float32 --batch 4 --seq 128 \
         --steps 6 --warmup 2 --gpus 1,2               # the mechanics on a CPU-only machine
 
