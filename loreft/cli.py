@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import ConfigError
 from .data import DataError
 from .job import PARAMETERS, PARAMS_BY_NAME, job_from_params
+from .model import ParameterStats
 from .reporting import ProgressBar, StopOnSignal
 from .trainer import NonFiniteLossError
 
@@ -103,8 +104,7 @@ def print_summary(summary: dict) -> None:
         m = summary.get(split)
         if m:
             print(f"{split}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
-    print(f"Trainable parameters: {summary['trainable']:,} of {summary['total_parameters']:,} "
-          f"({100 * summary['trainable'] / max(summary['total_parameters'], 1):.4f}%)")
+    print(ParameterStats(summary["trainable"], summary["total_parameters"]))
     print(f"Adapter saved to {summary['adapter']}")
 
 

@@ -311,7 +311,8 @@ class Formatter:
 # Tokenizing
 
 
-def _columns(rows) -> list[str]:
+def column_names(rows) -> list[str]:
+    """The columns of a split: a datasets.Dataset's, or the first row's keys of a list of dicts."""
     names = getattr(rows, "column_names", None)
     if names is not None:
         return list(names)
@@ -343,7 +344,7 @@ def tokenize_rows(
     if eos is None:
         raise DataError("the tokenizer has no EOS token; completions must end with one")
     bos = getattr(tokenizer, "bos_token_id", None)
-    formatter.check(_columns(rows))  # fail before any row is tokenized
+    formatter.check(column_names(rows))  # fail before any row is tokenized
 
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):

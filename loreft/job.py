@@ -189,8 +189,7 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     if splits is None:
         splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed)
     formatter = D.Formatter(None, **job.formatting)
-    train_rows = splits["train"]
-    columns = list(train_rows.column_names) if hasattr(train_rows, "column_names") else sorted(train_rows[0])
+    columns = D.column_names(splits["train"])
     formatter.check(columns)
     resume = job.resume
     if resume == "auto":

@@ -114,7 +114,9 @@ class ProgressBar(Callback):
 
 def start_lines(info: dict) -> list[str]:
     """What a run shows when it starts: the trainable share of the model, then the trainer's notes."""
-    share = f"Trainable parameters: {info['trainable']:,} of {info['total_parameters']:,} ({info['percent']:.4f}%)"
+    from .model import ParameterStats
+
+    share = str(ParameterStats(info["trainable"], info["total_parameters"]))
     return [share, *(f"Note: {n}" for n in info.get("notes", []))]
 
 
