@@ -53,6 +53,15 @@ def core_runners() -> list[dict]:
     return [{"kind": "loreft", "name": OURS}, {"kind": "lora", "name": LORA}]
 
 
+def main_comparisons(base: dict, quick: bool, decode: dict) -> list[dict]:
+    """Every token supervised (with the levers and a decode test), then the last quarter (with full logits too)."""
+    full_logits = {"kind": "loreft", "name": "ours, full logits", "kwargs": {"off": ["sparse_logits"]}}
+    return [
+        {"setting": base, "runners": core_runners() + ([] if quick else lever_runners()), "decode": decode},
+        {"setting": {**base, "data": "completion"}, "runners": core_runners() + [full_logits]},
+    ]
+
+
 def suite(name: str, quick: bool) -> dict:
     """Worker specs and pyreft settings of the CPU or GPU suite."""
     if name == "cpu":
@@ -61,12 +70,7 @@ def suite(name: str, quick: bool) -> dict:
         base = {"shape": shape, "batch": batch, "seq": seq, "dtype": dtype, **timing}
         main = {
             "device": "cpu", "peak_dtype": "float32", "peak_n": 1024, "peak_iters": 5,
-            "comparisons": [
-                {"setting": base, "runners": core_runners() + ([] if quick else lever_runners()),
-                 "decode": {"prompt_len": 64, "new_tokens": 32, "rounds": 3}},
-                {"setting": {**base, "data": "completion"},
-                 "runners": core_runners() + [{"kind": "loreft", "name": "ours, full logits", "kwargs": {"off": ["sparse_logits"]}}]},
-            ],
+            "comparisons": main_comparisons(base, quick, {"prompt_len": 64, "new_tokens": 32, "rounds": 3}),
         }
         slow = {"device": "cpu", "peak_dtype": "float32", "peak_n": 512, "peak_iters": 3,
                 "comparisons": [{"setting": {**base, "warmup": 1, "steps": 1, "rounds": 2}, "runners": core_runners()}]}
@@ -78,13 +82,8 @@ def suite(name: str, quick: bool) -> dict:
     llama = {**qwen, "shape": "llama-3.2-1b"}
     main = {
         "device": "gpu", "peak_dtype": "bfloat16", "peak_n": 8192, "peak_iters": 20,
-        "comparisons": [
-            {"setting": qwen, "runners": core_runners() + ([] if quick else lever_runners()),
-             "decode": {"prompt_len": 128, "new_tokens": 128, "rounds": 3}},
-            {"setting": {**qwen, "data": "completion"},
-             "runners": core_runners() + [{"kind": "loreft", "name": "ours, full logits", "kwargs": {"off": ["sparse_logits"]}}]},
-            {"setting": llama, "runners": core_runners()},
-        ],
+        "comparisons": main_comparisons(qwen, quick, {"prompt_len": 128, "new_tokens": 128, "rounds": 3})
+        + [{"setting": llama, "runners": core_runners()}],
     }
     pyreft = [{"peak_dtype": "bfloat16", "peak_n": 8192, "peak_iters": 20, "setting": s} for s in (qwen, llama)]
     return {"workers": [("mlx cuda", main, {})], "pyreft": pyreft}
