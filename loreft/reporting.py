@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .model import ParameterStats
+
 
 class Callback:
     """Hooks the trainer calls; every method is optional."""
@@ -114,8 +116,6 @@ class ProgressBar(Callback):
 
 def start_lines(info: dict) -> list[str]:
     """What a run shows when it starts: the trainable share of the model, then the trainer's notes."""
-    from .model import ParameterStats
-
     share = str(ParameterStats(info["trainable"], info["total_parameters"]))
     return [share, *(f"Note: {n}" for n in info.get("notes", []))]
 
