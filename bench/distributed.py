@@ -155,6 +155,8 @@ def main() -> None:
     a = p.parse_args()
     if a.steps % a.warmup:
         p.error("--steps must be a multiple of --warmup (the report window)")
+    if a.stage_steps < 1:
+        p.error("--stage-steps must be >= 1 (steps whose inputs are uploaded together)")
     if a.worker:
         return worker(a)
     counts = [int(n) for n in a.gpus.split(",")]
