@@ -25,7 +25,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-import loreft  # noqa: F401  (sets up the fast BLAS before MLX loads)
+import loreft.backend
+
+loreft.backend.setup()  # the fast BLAS on Linux CPUs: before MLX loads
 
 import mlx.core as mx
 import mlx.optimizers as optim

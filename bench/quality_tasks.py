@@ -112,9 +112,10 @@ REVIEW = ["The {thing} was {a1}, and {aspect} was {a2}.", "I found the {thing} {
 QUESTION = "Is this review positive or negative? Answer with one word.\n\nReview: {review}"
 
 
-def _first_word(text: str) -> str:
-    words = re.findall(r"[a-z]+", text.lower())
-    return words[0] if words else ""
+def _label(text: str) -> str | None:
+    """The one sentiment label the answer names ('This review is positive' counts), or None for neither or both."""
+    named = {w for w in re.findall(r"[a-z]+", text.lower()) if w in ("positive", "negative")}
+    return named.pop() if len(named) == 1 else None
 
 
 def sentiment_task(seed: int) -> Task:
@@ -137,7 +138,7 @@ def sentiment_task(seed: int) -> Task:
             "valid": make(SPLIT_SIZES["valid"], POSITIVE[:half], NEGATIVE[:half]),
             "test": make(SPLIT_SIZES["test"], POSITIVE[half:], NEGATIVE[half:])}
     return Task("sentiment", "classification: review sentiment, unseen adjectives", made,
-                lambda text, row: _first_word(text) == row["answer"], max_tokens=4)
+                lambda text, row: _label(text) == row["answer"], max_tokens=8)
 
 
 # ---------------------------------------------------------------------------------------------------
