@@ -19,6 +19,7 @@ class _Context:
     def __init__(self):
         self._locations: Locations | None = None
         self.seen: dict[int, int] = {}  # tokens each block has processed, for caches without an offset
+        self.apply = None  # how blocks apply their interventions (None: apply_interventions)
 
     @property
     def locations(self) -> Locations | None:
@@ -66,7 +67,7 @@ class ReftBlock(nn.Module):
         locations = self._context.locations
         if locations is None or (isinstance(offset, int) and offset >= locations.end):
             return h  # no edit here: decode steps after the prompt cost nothing extra
-        return apply_interventions(h, self.interventions, locations, offset)
+        return (self._context.apply or apply_interventions)(h, self.interventions, locations, offset)
 
 
 def apply_interventions(h: mx.array, interventions: dict, locations: Locations, offset=0) -> mx.array:
@@ -163,6 +164,10 @@ class Reft:
     def set_locations(self, locations: Locations | None) -> None:
         """Edit at these locations on the next calls; None turns the edit off (plain base model)."""
         self._context.locations = locations
+
+    def set_apply(self, apply=None) -> None:
+        """Compute the edit with apply(h, interventions, locations, offset) instead of apply_interventions (None: back)."""
+        self._context.apply = apply
 
     def parameters(self) -> dict[str, mx.array]:
         """Flat dict of every intervention parameter, e.g. 'layers.3.first.weight'."""
