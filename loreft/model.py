@@ -75,7 +75,7 @@ def apply_interventions(h: mx.array, interventions: dict, locations: Locations, 
 
     The edited rows are picked and written back through a (B, L, n) 0/1 selection matrix: two small
     batched matmuls, exact (one nonzero per row; unused slots select nothing), with no gather/scatter
-    kernels (same step time as take_along_axis + .at[].add on an H200 and on a CPU: BENCHMARKS.md).
+    kernels (as fast as take_along_axis + .at[].add on a GPU and on a CPU: BENCHMARKS.md).
     All groups share one selection (their valid positions never overlap: first and last are clamped
     apart); each group's intervention edits its own slice of the picked rows.
     """

@@ -284,6 +284,8 @@ def train(
     if is_main and options.plot is not None:
         _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     adapter_step = book.best["step"] if book.best and book.best_weights is not None else final_step
+    if adapter_step != final_step and not stopped:  # the summary describes the adapter saved
+        valid_metrics = _last_valid([r for r in book.history if r["step"] == adapter_step]) or valid_metrics
     test_metrics = None
     if test_set and not stopped:
         reuse = [r for r in book.history if r["kind"] == "eval" and r["split"] == "test" and r["step"] == adapter_step]
