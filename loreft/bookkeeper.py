@@ -86,11 +86,11 @@ class Bookkeeper:
         self.seen_tokens += tokens_value
         self.train_time += elapsed
         self.steps_done += 1
-        window = self.since_report
-        window["loss"] += loss_value * targets_value
-        window["targets"] += targets_value
-        window["tokens"] += tokens_value
-        window["time"] += elapsed
+        since = self.since_report
+        since["loss"] += loss_value * targets_value
+        since["targets"] += targets_value
+        since["tokens"] += tokens_value
+        since["time"] += elapsed
         for cb in self.callbacks:
             cb.on_step(done, self.total_steps)
         if done % self.cfg.steps_per_report == 0 or done == self.total_steps:
@@ -209,12 +209,12 @@ class Bookkeeper:
                 f"Try a lower learning_rate (now {self.cfg.learning_rate}) or grad_clip > 0.")
 
     def _report(self, step: int, lr: mx.array) -> None:
-        done, window = step + 1, self.since_report
+        done, since = step + 1, self.since_report
         row = {
             "kind": "train", "step": done, "epoch": step // self.steps_per_epoch,
-            "loss": window["loss"] / max(window["targets"], 1),
+            "loss": since["loss"] / max(since["targets"], 1),
             "learning_rate": lr.item(),
-            "tokens_per_sec": window["tokens"] / max(window["time"], 1e-9),
+            "tokens_per_sec": since["tokens"] / max(since["time"], 1e-9),
             "trained_tokens": self.trained_tokens_before + self.seen_tokens,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "eta_s": (self.total_steps - done) * self.train_time / self.steps_done,
@@ -223,4 +223,4 @@ class Bookkeeper:
         self.history.append(row)
         for cb in self.callbacks:
             cb.on_report(row)
-        self.since_report = dict.fromkeys(window, 0)
+        self.since_report = dict.fromkeys(since, 0)

@@ -228,7 +228,8 @@ def train(
 ) -> dict:
     """Train the interventions, save the adapter to adapter_dir, and return a summary.
 
-    test_metrics_fn adds metrics to the final test evaluation (e.g. exact match after generation).
+    test_metrics_fn adds metrics to test evaluations (exact match after generation): the final one, and each
+    evaluation when cfg.best_metric is "test_exact_match".
     group: the processes training together (mx.distributed.init() when None); options: see LoopOptions.
     """
     cfg.validate()
