@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (ACTIVATIONS, DTYPES, INTERVENTIONS, LR_SCHEDULES, PRESETS, TRUNCATION, ConfigError,
-                     ReftConfig, TrainConfig)
+from .config import (ACTIVATIONS, DTYPES, INTERVENTIONS, LIMITS, LR_SCHEDULES, PRESETS, TRUNCATION, ConfigError,
+                     ReftConfig, TrainConfig, check_choice, check_number)
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class Param:
     enum: tuple | None = None
     group: str = "job"  # "job", "reft" or "train": which config the value lands in
 
+    def __post_init__(self):
+        if self.name in LIMITS and self.minimum is None and self.maximum is None:  # config.LIMITS is their home
+            object.__setattr__(self, "minimum", LIMITS[self.name][0])
+            object.__setattr__(self, "maximum", LIMITS[self.name][1])
+
 
 _R, _T = ReftConfig(), TrainConfig()
 
@@ -39,30 +44,31 @@ PARAMETERS: list[Param] = [
     Param("completion_template", str, "", "Jinja2 template of the completion, e.g. '{{output}}'. Empty: auto-detect."),
     Param("chat_column", str, "", "Column holding chat messages; the last assistant turn is the completion."),
     Param("resume", str, "", "Resume from a checkpoint folder, or 'auto' for the newest under adapter_dir/checkpoints."),
+    Param("overwrite", bool, False, "Replace adapter_dir even when it holds files this project did not write."),
     Param("intervention", str, _R.intervention, "ReFT intervention type: loreft is the paper's LoReFT.", enum=INTERVENTIONS, group="reft"),
     Param("layers", str, _R.layers, "Layers to intervene on: 'all', 'middle', '3;9;18;24' or a range '0-11'.", group="reft"),
     Param("positions", str, _R.positions, "Prompt positions edited: 'f7+l7' = first 7 and last 7 prompt tokens; 'l1' = the last one.", group="reft"),
-    Param("rank", int, _R.rank, "Rank r of the low-rank subspace (parameters grow linearly with r).", minimum=1, maximum=1024, group="reft"),
+    Param("rank", int, _R.rank, "Rank r of the low-rank subspace (parameters grow linearly with r).", group="reft"),
     Param("share_weights", bool, _R.share_weights, "One intervention per layer for both first and last positions (tied).", group="reft"),
-    Param("dropout", float, _R.dropout, "Dropout on the edited hidden states (pyreft's default 0).", minimum=0.0, maximum=0.99, group="reft"),
+    Param("dropout", float, _R.dropout, "Dropout on the edited hidden states (pyreft's default 0).", group="reft"),
     Param("act_fn", str, _R.act_fn, "Activation applied to W h + b.", enum=ACTIVATIONS, group="reft"),
-    Param("learning_rate", float, _T.learning_rate, "Peak learning rate (> 0).", minimum=1e-8, group="train"),
+    Param("learning_rate", float, _T.learning_rate, "Peak learning rate (> 0).", group="train"),
     Param("lr_schedule", str, _T.lr_schedule, "Decay after warmup.", enum=LR_SCHEDULES, group="train"),
-    Param("warmup_ratio", float, _T.warmup_ratio, "Share of the updates spent warming up linearly.", minimum=0.0, maximum=1.0, group="train"),
-    Param("weight_decay", float, _T.weight_decay, "AdamW weight decay (0 uses Adam).", minimum=0.0, group="train"),
-    Param("batch_size", int, _T.batch_size, "Examples per batch.", minimum=1, group="train"),
-    Param("grad_accumulation_steps", int, _T.grad_accumulation_steps, "Batches per optimizer update (its gradient is the token mean over all of them, as one large batch).", minimum=1, group="train"),
-    Param("epochs", int, _T.epochs, "Passes over the training split (ignored when iters > 0).", minimum=0, group="train"),
-    Param("iters", int, _T.iters, "Total batches to train on; 0 uses epochs.", minimum=0, group="train"),
-    Param("max_seq_length", int, _T.max_seq_length, "Longest prompt + completion in tokens.", minimum=2, group="train"),
+    Param("warmup_ratio", float, _T.warmup_ratio, "Share of the updates spent warming up linearly.", group="train"),
+    Param("weight_decay", float, _T.weight_decay, "AdamW weight decay (0 uses Adam).", group="train"),
+    Param("batch_size", int, _T.batch_size, "Examples per batch.", group="train"),
+    Param("grad_accumulation_steps", int, _T.grad_accumulation_steps, "Batches per optimizer update (its gradient is the token mean over all of them, as one large batch).", group="train"),
+    Param("epochs", int, _T.epochs, "Passes over the training split (ignored when iters > 0).", group="train"),
+    Param("iters", int, _T.iters, "Total batches to train on; 0 uses epochs.", group="train"),
+    Param("max_seq_length", int, _T.max_seq_length, "Longest prompt + completion in tokens.", group="train"),
     Param("truncation", str, _T.truncation, "Rows too long: 'left' cuts the prompt's start, 'drop' skips them.", enum=TRUNCATION, group="train"),
-    Param("grad_clip", float, _T.grad_clip, "Clip the gradient's global norm to this (0: off).", minimum=0.0, group="train"),
-    Param("steps_per_report", int, _T.steps_per_report, "Report loss, tokens/s and progress every N steps.", minimum=1, group="train"),
-    Param("steps_per_eval", int, _T.steps_per_eval, "Validate every N steps (0: only at the end).", minimum=0, group="train"),
-    Param("save_every", int, _T.save_every, "Write a checkpoint every N steps (0: only the final adapter).", minimum=0, group="train"),
-    Param("max_eval_batches", int, _T.max_eval_batches, "Cap on validation batches (0: the whole split).", minimum=0, group="train"),
-    Param("valid_fraction", float, _T.valid_fraction, "Share of train held out when the data has no validation split.", minimum=0.0, maximum=0.9, group="train"),
-    Param("seed", int, _T.seed, "Seed for initialization, shuffling, splits and dropout.", minimum=0, group="train"),
+    Param("grad_clip", float, _T.grad_clip, "Clip the gradient's global norm to this (0: off).", group="train"),
+    Param("steps_per_report", int, _T.steps_per_report, "Report loss, tokens/s and progress every N steps.", group="train"),
+    Param("steps_per_eval", int, _T.steps_per_eval, "Validate every N steps (0: only at the end).", group="train"),
+    Param("save_every", int, _T.save_every, "Write a checkpoint every N steps (0: only the final adapter); a step is one batch, so N must be a multiple of grad_accumulation_steps.", group="train"),
+    Param("max_eval_batches", int, _T.max_eval_batches, "Cap on validation batches (0: the whole split).", group="train"),
+    Param("valid_fraction", float, _T.valid_fraction, "Share of train held out when the data has no validation split.", group="train"),
+    Param("seed", int, _T.seed, "Seed for initialization, shuffling, splits and dropout.", group="train"),
     Param("dtype", str, _T.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
 ]
 PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}
@@ -89,14 +95,17 @@ def coerce(param: Param, value: Any) -> Any:
             number = float(value)
             if not number.is_integer():
                 raise ValueError
-            return int(number)
-        if kind is float:
+            value = int(number)
+        elif kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-        return value if isinstance(value, str) else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(param.name, value, f"must be {kind.__name__}") from None
+            value = float(value)
+        else:
+            return value if isinstance(value, str) else str(value)
+    except (TypeError, ValueError, OverflowError):
+        pass  # not a number at all: check_number below names the rule
+    # the table's bounds and finiteness, for every front end (flags, YAML, TransformerLab)
+    return check_number(param.name, value, param.minimum, param.maximum, integer=kind is int)
 
 
 @dataclass
@@ -111,11 +120,12 @@ class Job:
     formatting: dict = field(default_factory=dict)
     resume: str | None = None
     preset: str = ""
+    overwrite: bool = False  # replace adapter_dir even when it holds files this project did not write
 
     def to_params(self) -> dict:
         """The flat parameters this job was made from (after defaults and preset)."""
         flat = {"model": self.model, "data": self.data, "adapter_dir": self.adapter_dir, "preset": self.preset,
-                "resume": self.resume or "", **self.formatting}
+                "resume": self.resume or "", "overwrite": self.overwrite, **self.formatting}
         flat.update({k: v for k, v in self.reft.to_dict().items() if k != "seed"})
         flat.update(self.train.to_dict())
         return flat
@@ -138,9 +148,8 @@ def job_from_params(params: dict, *, strict: bool = True, require_data: bool = T
         values.update(PRESETS.get(preset, {}).get(group, {}))
     values.update(given)
     for p in PARAMETERS:
-        v = values[p.name]
-        if p.enum is not None and v not in p.enum:
-            raise ConfigError(p.name, v, f"choose one of {', '.join(map(str, p.enum))}")
+        if p.enum is not None:
+            check_choice(p.name, values[p.name], p.enum)
     if not values["model"]:
         raise ConfigError("model", values["model"], "give a local model folder or a Hugging Face model id")
     if require_data and not values["data"]:
@@ -150,7 +159,8 @@ def job_from_params(params: dict, *, strict: bool = True, require_data: bool = T
     train = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}).validate()
     formatting = {k: values[k] or None for k in ("prompt_template", "completion_template", "chat_column")}
     resume = values["resume"] or None
-    return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset)
+    return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset,
+               values["overwrite"])
 
 
 def resolve_model(name: str) -> str:

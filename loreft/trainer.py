@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from itertools import accumulate, islice
 from pathlib import Path
@@ -15,8 +16,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .adapter import WEIGHTS_FILE, save_adapter
-from .config import TrainConfig
+from .adapter import read_weights, save_adapter
+from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
 from .interventions import batched_rotations
 from .model import Reft
@@ -364,7 +365,7 @@ def load_checkpoint(reft: Reft, optimizer: optim.Optimizer, folder: str | Path) 
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint ({STATE_FILE} is missing)")
-    reft.load_parameters(mx.load(str(folder / WEIGHTS_FILE)))
+    reft.load_parameters(read_weights(folder))
     saved = mx.load(str(folder / OPTIMIZER_FILE))
     optimizer.init(reft.model.trainable_parameters())
     missing = [k for k, _ in tree_flatten(optimizer.state) if k not in saved]
@@ -412,7 +413,9 @@ def train(
     if world.size() > 1:
         saved = _share_main_state(reft, optimizer, saved)  # rank 0 decides whether and where to resume
     if saved is not None:
+        _check_resumable(saved["step"], total_steps, resume_from)
         start, history, trained_tokens = saved["step"], saved["history"], saved["trained_tokens"]
+    stale = _stale_checkpoints(adapter_dir, resume_from)  # another run's: never kept, resumed or reported
     step_fn, state = _make_step(reft, optimizer, cfg)
     adapter_kw = {"base_model": base_model, "extra": adapter_extra}
     stats = reft.stats()
@@ -424,7 +427,8 @@ def train(
             write_metrics(history, tmp / "metrics.jsonl")
             plot_loss(history, tmp / "loss.png")
 
-        return save_adapter(reft, path, write_extras=extras, keep=(CHECKPOINTS,), **adapter_kw) if is_main else path
+        keep = () if stale else (CHECKPOINTS,)
+        return save_adapter(reft, path, write_extras=extras, keep=keep, **adapter_kw) if is_main else path
 
     def run_eval(step: int, split: str, examples) -> dict:
         m = evaluate_loss(model, examples, cfg.batch_size, reft=reft, pad_id=pad_id,
@@ -445,7 +449,7 @@ def train(
         })
 
     model.train()
-    carry, stopped, last_checkpoint = None, False, latest_checkpoint(adapter_dir)
+    carry, stopped, last_checkpoint = None, False, Path(resume_from) if resume_from is not None else None
     window = {"loss": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
     train_time, steps_done, seen_tokens = 0.0, 0, 0  # seen_tokens: all ranks' tokens in this run's steps
     # The next step is queued before this one's loss is read, so the device never waits for the host's
@@ -536,8 +540,10 @@ def train(
             _check_finite(reft, done, last_checkpoint, cfg)  # this step's update may have gone bad: never save it
             folder = adapter_dir / CHECKPOINTS / f"step-{done:07d}"
             if is_main:  # only rank 0 writes; the others may not even share its disk
+                if stale:
+                    shutil.rmtree(stale)  # this run's first checkpoint: the folder is this run's from now on
                 save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens + seen_tokens}, **adapter_kw)
-            last_checkpoint = folder
+            last_checkpoint, stale = folder, None
             for cb in callbacks:
                 cb.on_checkpoint(done, folder)
         if needs_weights(done):
@@ -567,6 +573,24 @@ def train(
     for cb in callbacks:
         cb.on_end(summary)
     return summary
+
+
+def _check_resumable(step: int, total_steps: int, folder) -> None:
+    """A checkpoint at or past this run's last step belongs to another (longer) run: refuse it."""
+    if step >= total_steps:
+        raise ConfigError("resume", str(folder), f"the checkpoint is at step {step}, but this run has {total_steps} "
+                                                 "steps; it comes from another run: resume with that run's settings, "
+                                                 "or start fresh without resume")
+
+
+def _stale_checkpoints(adapter_dir: Path, resume_from) -> Path | None:
+    """adapter_dir/checkpoints when it holds another run's checkpoints (this run did not resume from one of them)."""
+    folder = adapter_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    if resume_from is not None and folder.resolve() in Path(resume_from).resolve().parents:
+        return None
+    return folder
 
 
 def _run_notes(cfg: TrainConfig, world_size: int) -> list[str]:
