@@ -5,7 +5,8 @@
     loreft eval --adapter A --data D                                      loss, perplexity, exact match
     loreft demo                                                           the embedded tiny model, end to end
 
-Configuration errors are reported on one line, naming the parameter, with exit code 2, before any model loads.
+Bad input (a parameter, a data file, an adapter or model folder) is reported on one line naming the field,
+file or line, with exit code 2, before any model loads where it can be known then; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .adapter import AdapterError
+from .config import ConfigError, check_number
 from .data import DataError
 from .job import PARAMETERS, PARAMS_BY_NAME, job_from_params
-from .model import ParameterStats
 from .reporting import ProgressBar, StopOnSignal
 from .trainer import NonFiniteLossError
 
@@ -81,18 +82,32 @@ def params_from_args(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything, then load, train and save; one summary line per result."""
+    import mlx.core as mx
+
     from .job import run_job
 
     job = job_from_params(params_from_args(args))  # fails here, before any model or data loads
-    print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
-          f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
+    quiet_datasets()
+    main_process = mx.distributed.init().rank() == 0  # under mlx.launch, rank 0 speaks for all
+    if main_process:
+        print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
+              f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
     stop = StopOnSignal()
     try:
         summary = run_job(job, callbacks=[ProgressBar(), stop])
     finally:
         stop.restore()  # also when training fails
-    print_summary(summary)
+    if main_process:
+        print_summary(summary)
     return 0
+
+
+def quiet_datasets() -> None:
+    """No per-file 'Generating train split' progress bars from datasets: the CLI prints its own lines."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def print_summary(summary: dict) -> None:
@@ -104,8 +119,7 @@ def print_summary(summary: dict) -> None:
         m = summary.get(split)
         if m:
             print(f"{split}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
-    print(ParameterStats(summary["trainable"], summary["total_parameters"]))
-    print(f"Adapter saved to {summary['adapter']}")
+    print(f"Adapter saved to {summary['adapter']}")  # the trainable share was shown when training started
 
 
 def _fmt(x) -> str:
@@ -117,17 +131,23 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str)
 
     Several adapters load onto the one base model and edit together (a ReftStack).
     """
-    from .adapter import load_adapter, read_adapter_config
-    from .job import load_model
+    from .adapter import base_model_warning, load_adapter, read_adapter_config, read_weights
+    from .job import check_model, load_model
     from .model import ReftStack
 
     paths = [adapters] if isinstance(adapters, str) else list(adapters)
-    meta = read_adapter_config(paths[0])
-    for p in paths[1:]:
-        read_adapter_config(p)  # each one is checked before the model loads
+    metas = [read_adapter_config(p) for p in paths]  # each one is checked before the model loads
+    for p in paths:
+        read_weights(p)
+    meta = metas[0]
     name = model or meta.get("base_model")
     if not name:
         raise ConfigError("model", name, "the adapter does not record its base model; pass --model")
+    check_model(name)
+    for p, m in zip(paths, metas):
+        warning = base_model_warning(m, name, p)
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     base, tokenizer = load_model(name, dtype)
     refts = [load_adapter(base, p) for p in paths]
     return base, tokenizer, refts[0] if len(refts) == 1 else ReftStack(refts), meta
@@ -135,8 +155,9 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str)
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream a completion for each prompt, formatted as the adapter's training prompts were."""
-    from .generate import format_prompt, stream_generate
+    from .generate import check_sampling, format_prompt, stream_generate
 
+    check_sampling(args.max_tokens, args.temp, args.top_p)
     model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
     formatting = None if args.raw else meta.get("formatting")
     options = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p, "seed": args.seed}
@@ -154,14 +175,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an adapter on one split and write eval.json into the adapter folder."""
+    import tempfile
+
     from .data import Formatter, load_splits
     from .evaluate import evaluate, write_eval
 
-    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
-    splits = load_splits(args.data, valid_fraction=0.0)
+    if len(args.adapter) > 1:
+        raise ConfigError("adapter", args.adapter, "eval scores one adapter at a time; run eval once per adapter")
+    adapter = args.adapter[0]
+    check_number("batch_size", args.batch_size, 1, integer=True)
+    check_number("max_examples", args.max_examples, 0, integer=True)
+    if args.max_tokens is not None:
+        check_number("max_tokens", args.max_tokens, 1, integer=True)
+    if Path(adapter).is_dir():
+        try:  # eval.json goes into the adapter folder: find out now, not after the evaluation
+            tempfile.TemporaryFile(dir=adapter).close()
+        except OSError as e:
+            raise ConfigError("adapter", adapter, f"cannot write eval.json there ({e.strerror or e})") from None
+    quiet_datasets()
+    sources: dict = {}
+    splits = load_splits(args.data, valid_fraction=0.0, sources=sources)  # before the model: bad data fails fast
     name = args.split if args.split != "auto" else next(s for s in ("test", "valid", "train") if s in splits)
     if name not in splits:
         raise DataError(f"{args.data} has no {name!r} split; it has: {', '.join(splits)}")
+    model, tokenizer, reft, meta = _load_with_adapter(adapter, args.model, args.dtype)
     rows = splits[name]
     if args.max_examples:
         rows = rows.select(range(min(args.max_examples, len(rows)))) if hasattr(rows, "select") else rows[: args.max_examples]
@@ -169,9 +206,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     formatter = Formatter(tokenizer, prompt_template=fmt.get("prompt_template"),
                           completion_template=fmt.get("completion_template"), chat_column=fmt.get("chat_column"))
     results = evaluate(model, tokenizer, reft, rows, formatter=formatter, batch_size=args.batch_size,
-                       generate=not args.no_generate, max_tokens=args.max_tokens, base=args.base)
+                       generate=not args.no_generate, max_tokens=args.max_tokens, base=args.base,
+                       source=sources.get(name), split=name)
     results["split"], results["data"] = name, str(args.data)
-    path = write_eval(args.adapter, results)
+    path = write_eval(adapter, results)
     print(f"{name}: {results['num_examples']} examples")
     for label in ("adapter", "base"):
         m = results.get(label)
@@ -207,11 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     def adapter_args(p, several=False):
-        if several:  # they edit together; the first one's prompt format and base model are used
-            p.add_argument("--adapter", required=True, action="append",
-                           help="adapter folder (written by loreft train); repeat to apply several at once")
-        else:
-            p.add_argument("--adapter", required=True, help="adapter folder (written by loreft train)")
+        # always collected as a list: several edit together (generate), or a second one is an error (eval)
+        p.add_argument("--adapter", required=True, action="append",
+                       help="adapter folder (written by loreft train)" + ("; repeat to apply several at once (the "
+                            "first one's prompt format and base model are used)" if several else ""))
         p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
         p.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
 
@@ -244,35 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "or ~/.cache/mlx-loreft)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
     demo.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # every command, including ones added above this line
+        command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
-def _model_load_errors() -> tuple:
-    try:
-        from huggingface_hub.errors import (
-            HFValidationError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
-    except ImportError:
-        return ()
-    return (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError)
+# Errors that describe bad input: one line and exit code 2. Anything else is a fault (exit 1).
+INPUT_ERRORS = (ConfigError, DataError, AdapterError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def error_line(e: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for an error that ended a command."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    if isinstance(e, INPUT_ERRORS):
+        return text, 2
+    if isinstance(e, NonFiniteLossError):
+        return text, 1
+    if isinstance(e, PermissionError):
+        return f"{text} (check the folder's permissions)", 2
+    if isinstance(e, OSError):
+        return f"{type(e).__name__}: {text}", 1
+    return f"{type(e).__name__}: {text} (run again with --debug to see where)", 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit code (2: bad configuration or data)."""
+    """Console entry point; returns the exit code (2: bad input, 1: training or another failure)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except _model_load_errors() as e:
-        print(f"{PROG}: error: could not load the model: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        message, code = error_line(e)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The CLI's flags, the plugin's index.json form, task.yaml and info.md are all der
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,29 @@ def resolve_model(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def check_model(name: str) -> None:
+    """Fail early, with one line, for a model that cannot be a model: a missing folder, a folder without a readable config.json."""
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        config = path / "config.json"
+        if not path.is_dir() or not config.is_file():
+            raise ConfigError("model", name, "is not an mlx-lm model folder (no config.json in it)")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f"line {e.lineno}: " if isinstance(e, json.JSONDecodeError) else ""
+            raise ConfigError("model", name, f"{config} {where}is not valid JSON ({e}); the model folder is damaged") from None
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError("model", name, "no such folder, and not a Hugging Face model id") from None
+    if str(name).startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ConfigError("model", name, "no such folder, and not in the Hugging Face cache")
+
+
 def load_model(name: str, dtype: str = "auto"):
     """mlx_lm.load the base model and cast its floating weights to the training dtype: (model, tokenizer)."""
     import mlx.core as mx
@@ -176,10 +200,66 @@ def load_model(name: str, dtype: str = "auto"):
 
     from .trainer import resolve_dtype
 
-    model, tokenizer = mlx_lm.load(resolve_model(name))
+    check_model(name)
+    try:
+        model, tokenizer = mlx_lm.load(resolve_model(name))
+    except Exception as e:  # truncated weights, a missing tokenizer, not cached and no network, ...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if Path(os.path.expanduser(name)).exists() else " (not in the Hugging Face cache, and not downloaded)"
+        raise ConfigError("model", name, f"could not be loaded{where}: {type(e).__name__}: {detail}") from e
     target = resolve_dtype(dtype)
     model.set_dtype(target, lambda x: mx.issubdtype(x, mx.floating))
     return model, tokenizer
+
+
+def dtype_name(dtype: str) -> str:
+    """The dtype a run really uses ('auto' resolved), as a name: recorded in training_args.json."""
+    from .trainer import resolve_dtype
+
+    return next(name for name in DTYPES if name != "auto" and resolve_dtype(name) == resolve_dtype(dtype))
+
+
+def resolve_resume(job: Job) -> str | None:
+    """The checkpoint folder to resume from (the newest one for 'auto'), checked against the job before the model loads."""
+    from .adapter import AdapterError, read_adapter_config
+    from .config import parse_layers
+    from .trainer import STATE_FILE, latest_checkpoint
+
+    if not job.resume:
+        return None
+    folder = latest_checkpoint(job.adapter_dir) if job.resume == "auto" else Path(job.resume).expanduser()
+    if folder is None:
+        return None
+    allowed = "give a checkpoint folder (adapter_dir/checkpoints/step-N) or 'auto'"
+    if not folder.is_dir():
+        raise ConfigError("resume", job.resume, f"no such folder; {allowed}")
+    if not (folder / STATE_FILE).is_file():
+        raise ConfigError("resume", job.resume, f"not a training checkpoint ({STATE_FILE} is missing); {allowed}")
+    try:
+        meta = read_adapter_config(folder)
+    except AdapterError as e:
+        raise ConfigError("resume", str(folder), str(e)) from None
+    saved, mine = meta["reft_config"], job.reft.to_dict()
+    differ = [f"{k}={saved.get(k)!r} there, {mine[k]!r} here" for k in
+              ("intervention", "rank", "positions", "share_weights", "act_fn") if saved.get(k) != mine[k]]
+    try:
+        layers = parse_layers(job.reft.layers, meta["num_layers"])
+    except ConfigError:
+        layers = None
+    if layers != meta.get("layers"):
+        differ.append(f"layers={meta.get('layers')} there, {job.reft.layers!r} here")
+    if meta.get("base_model") and resolve_model(str(meta["base_model"])) != resolve_model(job.model):
+        differ.append(f"base model {meta['base_model']} there, {job.model} here")
+    try:
+        step = json.loads((folder / STATE_FILE).read_text())["step"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("resume", str(folder), f"{STATE_FILE} is damaged ({e}); resume from an earlier checkpoint") from None
+    if job.train.iters and step >= job.train.iters:
+        differ.append(f"it is at step {step}, this run has iters={job.train.iters}")
+    if differ:
+        raise ConfigError("resume", str(folder), f"the checkpoint is another run's ({'; '.join(differ)}); resume with "
+                                                 "its settings, or start fresh without resume")
+    return str(folder)
 
 
 def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> dict:
@@ -189,29 +269,38 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     Data and templates are checked before the model loads, so bad input fails fast.
     """
     from . import data as D
+    from .adapter import check_adapter_dir
     from .model import attach
-    from .trainer import latest_checkpoint, train
+    from .trainer import train
 
     import mlx.core as mx
 
-    if mx.distributed.init().rank() != 0:
+    main_process = mx.distributed.init().rank() == 0
+    if not main_process:
         log = lambda *args, **kwargs: None  # noqa: E731  (one voice under mlx.launch: rank 0's)
+    # everything that can fail without the model fails first: the output folder, the model's path, resume, the data
+    if main_process:  # only rank 0 writes the adapter; the others may not share its disk
+        note = check_adapter_dir(job.adapter_dir, job.overwrite, protect=(job.model, job.data if splits is None else None))
+        if note:
+            log(note)
+    check_model(job.model)
+    resume = resolve_resume(job)
+    if job.resume == "auto":
+        log(f"Resuming from {resume}" if resume else "No checkpoint found; starting fresh")
+    sources: dict = {}
     if splits is None:
-        splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed)
+        splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed, sources=sources)
     formatter = D.Formatter(None, **job.formatting)
     columns = D.column_names(splits["train"])
     formatter.check(columns)
-    resume = job.resume
-    if resume == "auto":
-        resume = latest_checkpoint(job.adapter_dir)
-        log(f"Resuming from {resume}" if resume else "No checkpoint found; starting fresh")
     model, tokenizer = load_model(job.model, job.train.dtype)
     formatter.tokenizer = tokenizer
     formatter.check(columns)  # again, now that the chat template is known
     reft = attach(model, job.reft)  # checks layers and rank against the model before any tokenizing
     examples = {}
     for name, rows in splits.items():
-        examples[name], stats = D.tokenize_rows(rows, formatter, tokenizer, job.train.max_seq_length, job.train.truncation, split=name)
+        examples[name], stats = D.tokenize_rows(rows, formatter, tokenizer, job.train.max_seq_length, job.train.truncation,
+                                                split=name, source=sources.get(name))
         if stats["truncated"] or stats["dropped"]:
             log(f"{name}: {stats['truncated']} rows truncated, {stats['dropped']} dropped (max_seq_length={job.train.max_seq_length})")
     # what training really used (auto-detection may have chosen a template), so generation formats alike
@@ -224,8 +313,9 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
         def test_metrics_fn(test_examples):
             return exact_match_scores(model, tokenizer, reft, test_examples, batch_size=job.train.batch_size)[0]
 
+    train_config = dataclasses.replace(job.train, dtype=dtype_name(job.train.dtype))  # recorded as really used
     summary = train(
-        reft, examples["train"], examples.get("valid"), job.train, job.adapter_dir,
+        reft, examples["train"], examples.get("valid"), train_config, job.adapter_dir,
         callbacks=callbacks, test_set=examples.get("test"), pad_id=D.pad_id_for(tokenizer),
         resume_from=resume, base_model=job.model, adapter_extra=extra, test_metrics_fn=test_metrics_fn,
     )

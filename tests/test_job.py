@@ -37,13 +37,19 @@ def test_unknown_parameter_is_an_error_unless_lenient():
     assert job_from_params({"model": "m", "data": "d", "job_id": 7}, strict=False).reft.rank == 4
 
 
-def test_bad_template_fails_before_the_model_loads(tmp_path):
+def test_bad_template_fails_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    import mlx_lm
+
+    def untouched(*a, **k):
+        raise AssertionError("the model loaded before the template was checked")
+
+    monkeypatch.setattr(mlx_lm, "load", untouched)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in DEMO_ROWS))
-    job = job_from_params({"model": str(tmp_path / "no-such-model"), "data": str(data),
+    job = job_from_params({"model": str(tiny_model_dir), "data": str(data), "adapter_dir": str(tmp_path / "out"),
                            "prompt_template": "{{ question }}", "completion_template": "{{ output }}"})
     with pytest.raises(ValueError, match=r"question.*instruction, output"):
-        run_job(job, log=lambda *a: None)  # a model load would fail differently: the folder does not exist
+        run_job(job, log=lambda *a: None)
 
 
 def test_test_split_is_scored_by_exact_match_and_written_beside_the_adapter(tiny_model_dir, tmp_path):
