@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -99,8 +100,9 @@ def check_adapter_dir(path: str | Path, overwrite: bool = False, protect: tuple 
 
     path is replaced when the run saves, so it must be absent, empty, or a folder this project wrote
     (only OWN_ENTRIES), unless overwrite. Never a folder holding the current directory or a path in
-    protect (the data, the model). The folder is created and a file written and removed in it and
-    beside it (the atomic swap writes a sibling). Returns a note when an earlier adapter will be replaced.
+    protect (the data, the model). A file is written and removed in it and beside it (the atomic swap
+    writes a sibling); folders made for that test are removed again, so a failed run leaves none behind.
+    Returns a note when an earlier adapter will be replaced.
     """
     if not str(path).strip():
         raise ConfigError("adapter_dir", str(path), "give a folder name, e.g. adapters/my-run")
@@ -123,12 +125,17 @@ def check_adapter_dir(path: str | Path, overwrite: bool = False, protect: tuple 
                                                     f"{', ...' if len(foreign) > 3 else ''}), which saving the adapter "
                                                     "would delete; choose another folder, or pass --overwrite "
                                                     "(overwrite: true) to replace it")
+    made = [p for p in [folder, *folder.parents] if not p.exists()]  # what the test creates, removed again after it
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for where in (folder, folder.parent):
             tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
         raise ConfigError("adapter_dir", str(path), f"cannot write there ({e.strerror or e})") from None
+    finally:
+        for p in made:  # deepest first: a failed run leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
     if (folder / CONFIG_FILE).is_file() or (folder / "checkpoints").exists():
         return (f"{path} holds an earlier run's adapter ({', '.join(entries)}); this run replaces all of it "
                 "when it saves")

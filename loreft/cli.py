@@ -12,6 +12,7 @@ file or line, with exit code 2, before any model loads where it can be known the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def quiet_datasets() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as loreft's one line
 
 
 def print_summary(summary: dict) -> None:
@@ -306,6 +307,7 @@ def error_line(e: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (2: bad input, 1: training or another failure)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" advisory: MLX needs none
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

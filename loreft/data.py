@@ -58,6 +58,8 @@ _SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val"
 def _load_file(path: Path):
     import datasets
 
+    if path.suffix.lower() != ".parquet":
+        _check_utf8(path)  # pyarrow loads invalid bytes and fails only when the row is read
     try:
         rows = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as e:  # pyarrow / datasets errors name neither the file nor the line: find them
@@ -65,6 +67,20 @@ def _load_file(path: Path):
     if len(rows) == 0:
         raise DataError(f"{path} holds no rows; add training examples (one JSON object per line for .jsonl)")
     return rows
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Raise DataError naming the line of the first bytes in a text file that are not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise DataError(_explain_unreadable(path, e)) from None
 
 
 def _explain_unreadable(path: Path, error: Exception) -> str:
@@ -252,7 +268,9 @@ def jinja_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # keep_trailing_newline: a prompt ending in "Response:\n" must keep its newline
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    # finalize: a null cell prints as nothing, not as "None" (a null completion is then caught as empty)
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False,
+                                         finalize=lambda value: "" if value is None else value)
 
 
 class Formatter:
