@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import mlx_lm
 import pytest
 
@@ -245,3 +246,65 @@ def test_the_console_command_exits_2_with_one_line(case, tmp_path, trained, tiny
     assert case.message in plain.stderr
     debug = run("--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and case.message in debug.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a run does to the folders it is given
+
+
+def run_train(tiny_model_dir, folder, *extra) -> int:
+    return cli.main(["train", "--model", str(tiny_model_dir), "--data", "train.jsonl", "--adapter-dir", str(folder),
+                     "--iters", "2", "--batch-size", "2", *RUN, *extra])
+
+
+def test_overwrite_replaces_the_users_folder_only_when_asked(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    make_files(tmp_path, {"train.jsonl": ROWS, "proj/NOTES.md": "mine\n"}, None, None)
+    monkeypatch.chdir(tmp_path)
+    assert run_train(tiny_model_dir, "proj") == 2
+    assert (tmp_path / "proj" / "NOTES.md").read_text() == "mine\n"
+    assert run_train(tiny_model_dir, "proj", "--overwrite") == 0
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["adapter.safetensors", "loss.png", "metrics.jsonl",
+                                                                     "reft_config.json", "training_args.json"]
+
+
+def test_replacing_an_earlier_adapter_says_what_goes(tmp_path, monkeypatch, capsys, trained, tiny_model_dir):
+    make_files(tmp_path, {"train.jsonl": ROWS, "a": GOOD, "a/eval.json": "{}"}, trained, None)
+    monkeypatch.chdir(tmp_path)
+    assert run_train(tiny_model_dir, "a") == 0  # an adapter folder this project wrote: no flag needed
+    out = capsys.readouterr().out
+    assert "holds an earlier run's adapter" in out and "eval.json" in out
+    assert not (tmp_path / "a" / "eval.json").exists() and not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_folders_and_files_get_ordinary_permissions(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    make_files(tmp_path, {"train.jsonl": ROWS}, None, None)
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert run_train(tiny_model_dir, "a") == 0
+        assert cli.main(["eval", "--adapter", "a", "--data", "train.jsonl", "--no-generate"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    for name in ("adapter.safetensors", "reft_config.json", "eval.json"):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_output_and_records_of_a_run(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    make_files(tmp_path, {"train.jsonl": ROWS}, None, None)
+    monkeypatch.chdir(tmp_path)
+    assert run_train(tiny_model_dir, "a", "--dtype", "auto") == 0
+    out, err = capsys.readouterr()
+    assert (out + err).count("Trainable parameters") == 1
+    assert "Generating train split" not in out + err
+    args = json.loads((tmp_path / "a" / "training_args.json").read_text())
+    assert args["train"]["dtype"] == ("bfloat16" if mx.default_device() == mx.gpu else "float32")  # what 'auto' chose
+
+
+def test_an_adapter_on_another_base_model_of_the_same_shape_warns(tmp_path, capsys, trained, tiny_model_dir):
+    twin = build_tiny_model(tmp_path / "twin", model_type="llama", seed=1)  # same shape, other weights
+    assert cli.main(["generate", "--adapter", str(trained), "--model", str(twin), "--prompt", "hi", "--max-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "loreft: warning: " in err and f"trained on {tiny_model_dir}" in err
+    assert cli.main(["generate", "--adapter", str(trained), "--prompt", "hi", "--max-tokens", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err  # its own base model: no warning
