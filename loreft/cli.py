@@ -62,7 +62,9 @@ def read_yaml_params(path: str) -> dict:
     if not file.is_file():
         raise ConfigError("config", path, "no such file")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError("config", path, "not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError("config", path, f"not valid YAML ({e})") from None
     if not isinstance(data, dict):
