@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -112,6 +113,18 @@ def _explain_unreadable(path: Path, error: Exception) -> str:
             except json.JSONDecodeError as e:
                 if e.msg != "Extra data":  # several objects one per line: JSON Lines in a .json file
                     return f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        elif kind == ".csv":
+            import csv
+
+            reader = csv.reader(io.StringIO(text, newline=""))
+            header = next(reader, [])
+            start = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(header):
+                    return f"{path} line {start}: {len(row)} fields, but the header has {len(header)}"
+                start = reader.line_num + 1
+    while error.__cause__ is not None or error.__context__ is not None:  # the innermost error says what was wrong
+        error = error.__cause__ or error.__context__
     detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     return f"{path}: cannot be read as {kind[1:]} ({detail}); check that every row has the same columns and types"
 

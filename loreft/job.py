@@ -292,7 +292,11 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
         splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed, sources=sources)
     formatter = D.Formatter(None, **job.formatting)
     columns = D.column_names(splits["train"])
-    formatter.check(columns)
+    try:
+        formatter.check(columns)
+    except D.DataError as e:  # name the data it is about
+        origin = sources["train"].path if "train" in sources and sources["train"].path else job.data or "the dataset"
+        raise D.DataError(f"{origin}: {e}") from None
     model, tokenizer = load_model(job.model, job.train.dtype)
     formatter.tokenizer = tokenizer
     formatter.check(columns)  # again, now that the chat template is known

@@ -83,12 +83,12 @@ CASES = [
          {"train.jsonl": ROWS[:ROWS.index("\n") + 1] + "\n" + '{"instruction": "hi", "output": null}\n' + ROWS},
          message="train.jsonl line 3: the completion is empty", loads_model=True),
     Case("CSV row with too many fields", train(data="train.csv"),
-         {"train.csv": "instruction,output\na,b\nc,d,e,f\n"}, message="train.csv"),
+         {"train.csv": "instruction,output\na,b\nc,d,e,f\n"}, message="train.csv line 3: 4 fields, but the header has 2"),
     Case("a data folder without data files", train(data="data"), {"data/notes.md": "x"}, message="no data files found"),
     Case("missing data file", train(data="nothing.jsonl"), message="not found: nothing.jsonl"),
     Case("unsupported data file", train(data="train.txt"), {"train.txt": "hello\n"}, message="unsupported file type"),
     Case("columns that say nothing", train(), {"train.jsonl": '{"q": "a", "a": "b"}\n' * 4},
-         message="cannot tell how to split rows"),
+         message="train.jsonl: cannot tell how to split rows"),
     Case("fewer rows than a batch", train("--batch-size", "9"), {"train.jsonl": ROWS},  # 8 train rows after the split
          message="fewer than batch_size=9", loads_model=True),
     # parameter values: the table's bounds and finiteness, before anything loads
