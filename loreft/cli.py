@@ -7,6 +7,7 @@
 
 Bad input (a parameter, a data file, an adapter or model folder) is reported on one line naming the field,
 file or line, with exit code 2, before any model loads where it can be known then; --debug shows the traceback.
+main() applies loreft.backend.setup() first; this module imports nothing that loads MLX before that.
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-from .adapter import AdapterError
 from .config import ConfigError, check_number
 from .data import DataError
 from .job import PARAMETERS, PARAMS_BY_NAME, job_from_params
-from .reporting import ProgressBar, StopOnSignal
-from .trainer import NonFiniteLossError
 
 PROG = "loreft"
 
@@ -88,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from .job import run_job
+    from .reporting import ProgressBar, StopOnSignal
 
     job = job_from_params(params_from_args(args))  # fails here, before any model or data loads
     quiet_datasets()
@@ -289,14 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that describe bad input: one line and exit code 2. Anything else is a fault (exit 1).
-INPUT_ERRORS = (ConfigError, DataError, AdapterError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
 def error_line(e: BaseException) -> tuple[str, int]:
-    """(one-line message, exit code) for an error that ended a command."""
+    """(one-line message, exit code) for an error that ended a command: 2 for bad input, 1 for a fault."""
+    from .adapter import AdapterError
+    from .trainer import NonFiniteLossError
+
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-    if isinstance(e, INPUT_ERRORS):
+    if isinstance(e, (ConfigError, DataError, AdapterError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return text, 2
     if isinstance(e, NonFiniteLossError):
         return text, 1
@@ -309,6 +307,9 @@ def error_line(e: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (2: bad input, 1: training or another failure)."""
+    from .backend import setup
+
+    setup()  # before anything imports mlx.core
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" advisory: MLX needs none
     args = build_parser().parse_args(argv)
     try:
