@@ -28,10 +28,8 @@ class ConfigError(ValueError):
 def check_number(name: str, value: Any, minimum: float | None = None, maximum: float | None = None, *,
                  integer: bool = False, above: float | None = None) -> int | float:
     """value if it is a finite number (an int when integer) in [minimum, maximum] and > above; else ConfigError."""
-    wanted = "an integer" if integer else "a finite number"
-    limits = [f"> {above}" if above is not None else None, f">= {minimum}" if minimum is not None else None,
-              f"<= {maximum}" if maximum is not None else None]
-    rule = f"must be {wanted}" + "".join(f" {x}" if i == 0 else f" and {x}" for i, x in enumerate(l for l in limits if l))
+    bounds = [f"{op} {x}" for op, x in ((">", above), (">=", minimum), ("<=", maximum)) if x is not None]
+    rule = f"must be {'an integer' if integer else 'a finite number'} {' and '.join(bounds)}".rstrip()
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not math.isfinite(value):
         raise ConfigError(name, value, rule)

@@ -284,7 +284,7 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
         if note:
             log(note)
     check_model(job.model)
-    resume = resolve_resume(job)
+    resume = resolve_resume(job) if main_process else None  # rank 0 loads the checkpoint and shares it
     if job.resume == "auto":
         log(f"Resuming from {resume}" if resume else "No checkpoint found; starting fresh")
     sources: dict = {}
