@@ -193,11 +193,11 @@ def read_adapter_config(path: str | Path) -> dict:
     return meta
 
 
-def read_weights(path: str | Path) -> dict:
-    """The adapter's weights (adapter.safetensors), with a clear error when the file is missing or damaged."""
-    file = Path(path) / WEIGHTS_FILE
+def read_weights(path: str | Path, name: str = WEIGHTS_FILE) -> dict:
+    """The adapter's weights (or another safetensors file of the folder), with a clear error when it is missing or damaged."""
+    file = Path(path) / name
     if not file.is_file():
-        raise AdapterError(f"{file} is missing; the adapter folder is incomplete, train it again")
+        raise AdapterError(f"{file} is missing; the folder is incomplete, train the adapter again")
     try:
         return mx.load(str(file))
     except Exception as e:  # mlx raises RuntimeError / ValueError for a truncated or foreign file

@@ -133,8 +133,8 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str)
 
     Several adapters load onto the one base model and edit together (a ReftStack).
     """
-    from .adapter import base_model_warning, load_adapter, read_adapter_config, read_weights
-    from .job import check_model, load_model
+    from .adapter import AdapterError, base_model_warning, load_adapter, read_adapter_config, read_weights
+    from .job import check_model, load_model, model_shape
     from .model import ReftStack
 
     paths = [adapters] if isinstance(adapters, str) else list(adapters)
@@ -145,8 +145,11 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str)
     name = model or meta.get("base_model")
     if not name:
         raise ConfigError("model", name, "the adapter does not record its base model; pass --model")
-    check_model(name)
+    shape = model_shape(check_model(name))
     for p, m in zip(paths, metas):
+        if shape and shape != (m["hidden_size"], m["num_layers"]):  # known from config.json: no need to load it
+            raise AdapterError(f"adapter {p} was trained on a model with hidden size {m['hidden_size']} and "
+                               f"{m['num_layers']} layers; {name} has hidden size {shape[0]} and {shape[1]} layers")
         warning = base_model_warning(m, name, p)
         if warning:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)

@@ -170,27 +170,44 @@ def resolve_model(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def check_model(name: str) -> None:
-    """Fail early, with one line, for a model that cannot be a model: a missing folder, a folder without a readable config.json."""
+def check_model(name: str) -> dict | None:
+    """Fail early, with one line, for a model that cannot be a model: a missing folder, a folder without a
+    readable config.json. Returns that config.json (None for a Hugging Face id not in the local cache)."""
     path = Path(os.path.expanduser(name))
-    if path.exists():
-        config = path / "config.json"
-        if not path.is_dir() or not config.is_file():
-            raise ConfigError("model", name, "is not an mlx-lm model folder (no config.json in it)")
-        try:
-            json.loads(config.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            where = f"line {e.lineno}: " if isinstance(e, json.JSONDecodeError) else ""
-            raise ConfigError("model", name, f"{config} {where}is not valid JSON ({e}); the model folder is damaged") from None
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise ConfigError("model", name, "no such folder, and not a Hugging Face model id") from None
+        if str(name).startswith((".", "/", "~")) or name.count("/") != 1:
+            raise ConfigError("model", name, "no such folder, and not in the Hugging Face cache")
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            return None  # mlx_lm.load may still download it
+        path = Path(cached).parent
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise ConfigError("model", name, "is not an mlx-lm model folder (no config.json in it)")
     try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise ConfigError("model", name, "no such folder, and not a Hugging Face model id") from None
-    if str(name).startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ConfigError("model", name, "no such folder, and not in the Hugging Face cache")
+        return json.loads(config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("model", name, f"{config} is not UTF-8 text; the model folder is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError("model", name, f"{config} line {e.lineno}: not valid JSON ({e.msg}); the model folder "
+                                         "is damaged") from None
+
+
+def model_shape(config: dict | None) -> tuple[int, int] | None:
+    """(hidden size, layers) from a model's config.json, or None when it does not say."""
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    hidden = config.get("hidden_size", text.get("hidden_size"))
+    layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    return (hidden, layers) if isinstance(hidden, int) and isinstance(layers, int) else None
 
 
 def load_model(name: str, dtype: str = "auto"):
