@@ -186,6 +186,8 @@ def read_adapter_config(path: str | Path) -> dict:
     missing = [k for k in ("reft_config", "hidden_size", "num_layers") if k not in meta]
     if missing or not isinstance(meta["reft_config"], dict):
         raise AdapterError(f"{file} lacks {', '.join(missing) or 'a valid reft_config'}; the adapter folder is damaged")
+    if meta["reft_config"].get("intervention") == "consreft":  # it has no dropout; older files may record one
+        meta["reft_config"]["dropout"] = 0.0
     try:
         ReftConfig.from_dict(meta["reft_config"]).validate()
     except (ConfigError, TypeError) as e:
