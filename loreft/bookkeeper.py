@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ class Bookkeeper:
     def __init__(self, reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, *, group, adapter_dir: Path,
                  total_steps: int, steps_per_epoch: int, callbacks: list[Callback], valid_set: Sequence[Example] | None,
                  test_set: Sequence[Example] | None, pad_id: int, saved: dict | None, last_checkpoint: Path | None,
-                 adapter_kw: dict, test_metrics_fn: Callable | None = None):
+                 adapter_kw: dict, test_metrics_fn: Callable | None = None, stale_checkpoints: Path | None = None):
         self.reft, self.optimizer, self.cfg, self.group = reft, optimizer, cfg, group
         self.is_main = group.rank() == 0  # only rank 0 writes files and calls callbacks
         self.adapter_dir, self.total_steps, self.steps_per_epoch = adapter_dir, total_steps, steps_per_epoch
@@ -41,6 +42,8 @@ class Bookkeeper:
         self.history = saved.get("history", [])  # train reports and evaluations, resumed with the checkpoint
         self.trained_tokens_before = saved.get("trained_tokens", 0)  # all ranks' tokens before this run's first step
         self.last_checkpoint = last_checkpoint
+        # another run's checkpoints in adapter_dir: never kept, resumed or reported; removed at this run's first
+        self.stale_checkpoints = stale_checkpoints
         # the best evaluation so far ({"step", "metric", "value"}) and the weights after that step
         self.best, self.best_weights = saved.get("best"), saved.get("best_weights")
         self.evals_without_improvement = saved.get("evals_without_improvement", 0)
@@ -162,7 +165,9 @@ class Bookkeeper:
 
         path = self.adapter_dir
         if self.is_main:
-            path = save_adapter(self.reft, path, write_extras=extras, keep=(CHECKPOINTS, TENSORBOARD_DIR), **self.adapter_kw)
+            keep = (TENSORBOARD_DIR,) if self.stale_checkpoints else (CHECKPOINTS, TENSORBOARD_DIR)
+            path = save_adapter(self.reft, path, write_extras=extras, keep=keep, **self.adapter_kw)
+        self.stale_checkpoints = None  # not carried into the new adapter folder
         if saved_step != step and self.last_checkpoint != checkpoint_folder(self.adapter_dir, step):
             self.reft.load_parameters(last)  # the last state, to resume from or compare with
             self.checkpoint(step)
@@ -186,8 +191,10 @@ class Bookkeeper:
         self.check_finite(done)  # this step's update may have gone bad: never save it
         folder = checkpoint_folder(self.adapter_dir, done)
         if self.is_main:
+            if self.stale_checkpoints:
+                shutil.rmtree(self.stale_checkpoints)  # this run's first checkpoint: the folder is this run's from now on
             save_checkpoint(self.reft, self.optimizer, folder, done, self.trainer_state(), self.best_weights, **self.adapter_kw)
-        self.last_checkpoint = folder
+        self.last_checkpoint, self.stale_checkpoints = folder, None
         for cb in self.callbacks:
             cb.on_checkpoint(done, folder)
         return folder

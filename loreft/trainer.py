@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .bookkeeper import Bookkeeper, NonFiniteLossError
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
 from .interventions import batched_rotations
@@ -252,13 +252,16 @@ def train(
         if saved and saved.get("best"):  # the template's values are ignored: rank 0's are taken
             saved["best_weights"] = rank0_values(best_weights or reft.parameters(), group)
     start = saved["step"] if saved else 0
+    if saved:
+        _check_resumable(start, total_steps, resume_from)
     step_fn, state = make_step(reft, optimizer, cfg, group, options)
 
     stats = reft.stats()
     args_record = {"train": cfg.to_dict(), "reft": reft.config.to_dict(), "base_model": base_model, "total_steps": total_steps}
     book = Bookkeeper(reft, optimizer, cfg, group=group, adapter_dir=adapter_dir, total_steps=total_steps,
                       steps_per_epoch=per_epoch, callbacks=list(callbacks), valid_set=valid_set, test_set=test_set,
-                      pad_id=pad_id, saved=saved, last_checkpoint=latest_checkpoint(adapter_dir),
+                      pad_id=pad_id, saved=saved, last_checkpoint=Path(resume_from) if resume_from is not None else None,
+                      stale_checkpoints=_stale_checkpoints(adapter_dir, resume_from),
                       adapter_kw={"base_model": base_model, "extra": adapter_extra}, test_metrics_fn=test_metrics_fn)
     queue = StepQueue(step_fn, state, reft, optimizer, group=group, seed=cfg.seed,
                       accumulation=cfg.grad_accumulation_steps, total_steps=total_steps,
@@ -327,6 +330,24 @@ def _write_beside(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_resumable(step: int, total_steps: int, folder) -> None:
+    """A checkpoint at or past this run's last step belongs to another (longer) run: refuse it."""
+    if step >= total_steps:
+        raise ConfigError("resume", str(folder), f"the checkpoint is at step {step}, but this run has {total_steps} "
+                                                 "steps; it comes from another run: resume with that run's settings, "
+                                                 "or start fresh without resume")
+
+
+def _stale_checkpoints(adapter_dir: Path, resume_from) -> Path | None:
+    """adapter_dir/checkpoints when it holds another run's checkpoints (this run did not resume from one of them)."""
+    folder = adapter_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    if resume_from is not None and folder.resolve() in Path(resume_from).resolve().parents:
+        return None
+    return folder
 
 
 def _run_notes(cfg: TrainConfig, world_size: int) -> list[str]:

@@ -115,6 +115,8 @@ NON_DEFAULT_TEXT = {"layers": "0;1", "positions": "f2+l3", "prompt_template": "Q
 
 
 def non_default(p):
+    if p.name == "save_every":
+        return 4  # a multiple of grad_accumulation_steps' non-default 2, as save_every must be
     if p.name in NON_DEFAULT_TEXT:
         return NON_DEFAULT_TEXT[p.name]
     if p.enum is not None:
