@@ -11,6 +11,7 @@ Configuration errors are reported on one line, naming the parameter, with exit c
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     job = job_from_params(params_from_args(args))  # fails here, before any model or data loads
     print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
           f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
-    stop = StopOnSignal()
+    # Ctrl-C or SIGTERM (kill, a scheduler's stop) ends training at the next step with the adapter saved
+    stop = StopOnSignal((signal.SIGINT, signal.SIGTERM)).install()
     try:
         summary = run_job(job, callbacks=[ProgressBar(), stop])
     finally:

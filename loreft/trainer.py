@@ -21,7 +21,7 @@ from .data import Batch, Example, check_enough, iterate_batches, num_batches
 from .interventions import batched_rotations
 from .model import Reft
 from .positions import Locations
-from .reporting import Callback, plot_loss, write_metrics
+from .reporting import Callback, add_loss_plot, plot_loss, write_metrics
 
 PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct shapes
 CHECKPOINTS = "checkpoints"
@@ -418,11 +418,12 @@ def train(
     stats = reft.stats()
     args_record = {"train": cfg.to_dict(), "reft": reft.config.to_dict(), "base_model": base_model, "total_steps": total_steps}
 
-    def save_final(path: Path) -> Path:
+    def save_final(path: Path, plot: bool = True) -> Path:
         def extras(tmp: Path) -> None:
             (tmp / "training_args.json").write_text(json.dumps(args_record, indent=2))
             write_metrics(history, tmp / "metrics.jsonl")
-            plot_loss(history, tmp / "loss.png")
+            if plot:
+                plot_loss(history, tmp / "loss.png")
 
         return save_adapter(reft, path, write_extras=extras, keep=(CHECKPOINTS,), **adapter_kw) if is_main else path
 
@@ -554,9 +555,11 @@ def train(
 
     final_step = start + steps_done
     _check_finite(reft, final_step, last_checkpoint, cfg)
-    # a stop saves at once (the app may kill the process seconds later); a finished run evaluates first
+    # Stop first, optional later: a stop writes the adapter before anything else (TransformerLab SIGKILLs
+    # the job 3 s after its SIGTERM), and its loss plot only after the callbacks' on_end; a finished run
+    # validates first, so the adapter's metrics.jsonl holds the final validation.
     valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set and not stopped else None
-    path = save_final(adapter_dir)
+    path = save_final(adapter_dir, plot=not stopped)
     test_metrics = run_eval(final_step, "test", test_set) if test_set and not stopped else None
     summary = {
         "adapter": str(path), "steps": final_step, "total_steps": total_steps, "stopped": stopped,
@@ -566,6 +569,8 @@ def train(
     }
     for cb in callbacks:
         cb.on_end(summary)
+    if stopped and is_main:
+        add_loss_plot(path, history)
     return summary
 
 

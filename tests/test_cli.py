@@ -129,9 +129,14 @@ def test_ctrl_c_stops_at_the_next_step_and_saves(tmp_path, tiny_model_dir, data_
     job = job_from_params({"model": str(tiny_model_dir), "data": str(data_file), "iters": 500, "batch_size": 2,
                            "rank": 1, "adapter_dir": str(tmp_path / "ad"), "steps_per_report": 1})
     stop = StopOnSignal(log=lambda *a: None)
-    summary = run_job(job, callbacks=[stop, InterruptAt()], log=lambda *a: None)
+    try:
+        summary = run_job(job, callbacks=[stop, InterruptAt()], log=lambda *a: None)
+        assert signal.getsignal(signal.SIGINT) == stop._handle  # kept while anything may still be written
+    finally:
+        stop.restore()
     assert summary["stopped"] and summary["steps"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert (tmp_path / "ad" / "loss.png").is_file()  # drawn after the adapter was saved
     model, _ = mlx_lm.load(str(tiny_model_dir))
     load_adapter(model, tmp_path / "ad")
 
