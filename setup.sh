@@ -62,7 +62,8 @@ mode="plugin"
 # transformerlab: the app's own, or (only when missing) the one this runtime needs
 extra=""
 pins=()
-if tl_version="$("$PY" -c 'import importlib.metadata as m, lab; print(m.version("transformerlab"))' 2>/dev/null)"; then
+# (lab prints its home folder when imported: the version is the last line)
+if tl_version="$("$PY" -c 'import importlib.metadata as m, lab; print(m.version("transformerlab"))' 2>/dev/null | tail -n 1)"; then
     echo "Keeping the app's transformerlab $tl_version"
 elif [ "$mode" = "plugin" ]; then
     src="${_TFL_SOURCE_CODE_DIR:-}"
