@@ -222,6 +222,19 @@ def _checked_wheel_dir() -> Path:
     return wheels
 
 
+def overlay_venv(venv: Path) -> Path:
+    """A new venv that sees this test venv's packages (a .pth file; its own ones come first); returns its python.
+
+    Installing torch, transformers and the rest again, as the app's sync does, would take minutes and the network.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "test_venv_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
     """A plugin installed as the archived server installs it: the folder copied to <workspace>/plugins/<id>/, a
@@ -235,11 +248,7 @@ def plugin_env(tmp_path_factory):
         (plugin / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, plugin / name)
     venv = plugin / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    (site / "test_venv_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = overlay_venv(venv)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--find-links",
                     str(wheels), f"transformerlab=={ARCHIVED_SERVER_PIN}"], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("_TFL_SOURCE_CODE_DIR", "PYTHONPATH")}
