@@ -1,6 +1,6 @@
 """The one place that knows TransformerLab: parameter mapping, the plugin reporter (tlab_trainer), the task reporter (lab).
 
-TransformerLab runs a trainer in two ways (shared/TRANSFORMERLAB.md): as a plugin, through the SDK its
+TransformerLab runs a trainer in two ways: as a plugin, through the SDK its
 harness provides (`transformerlab.sdk.v1.train.tlab_trainer`), or as a task, through the `transformerlab`
 PyPI package (`from lab import lab`). Both SDKs are imported lazily, inside the functions that use them,
 so loreft installs and runs without either.
