@@ -258,8 +258,8 @@ def metric_rows(m: dict) -> dict:
 class TaskReporter(Callback):
     """Reports to a task job through `lab`: progress and metrics rows, checkpoints, the app's stop flag.
 
-    on_end publishes the adapter as the job's model (and marks a stopped job STOPPED) before the trainer
-    draws anything optional: TransformerLab SIGKILLs a stopped job 3 s after its SIGTERM.
+    After a stop, on_end publishes the adapter as the job's model and marks the job STOPPED before the
+    trainer draws anything optional: TransformerLab SIGKILLs a stopped job 3 s after its SIGTERM.
     """
 
     def __init__(self, lab, interval: float = REPORT_INTERVAL_S, log=None, name: str = ADAPTOR_NAME_DEFAULT,
@@ -296,7 +296,8 @@ class TaskReporter(Callback):
     def on_checkpoint(self, step, path):
         self.lab.save_checkpoint(str(path), Path(path).name)  # lab.get_checkpoint_to_resume() finds these
 
-    def on_end(self, summary):
+    def publish(self, summary: dict) -> None:
+        """The adapter as the job's model (lab.save_model); a stopped job marked STOPPED."""
         import asyncio
 
         from lab import JobStatus
@@ -310,6 +311,10 @@ class TaskReporter(Callback):
             self.lab.set_job_data_field("completion_details", message)
             asyncio.run(self.lab.job.update_status(JobStatus.STOPPED))
             self.log(message)
+
+    def on_end(self, summary):
+        if summary["stopped"]:  # at once; a finished run publishes after run_job wrote its test results
+            self.publish(summary)
 
     def should_stop(self):
         return self.stop_requested
@@ -451,7 +456,8 @@ def run_task(log=print) -> int:
             if (Path(adapter) / extra).is_file():
                 lab.save_artifact(str(Path(adapter) / extra), extra)
         if summary["stopped"]:
-            return 0
+            return 0  # published in on_end
+        reporter.publish(summary)
         score = {}
         for split in ("valid", "test"):  # the score's keys are the metrics' own names: a sweep ranks by them
             if summary.get(split):
