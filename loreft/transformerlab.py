@@ -285,8 +285,9 @@ class TaskReporter(Callback):
             self.stop_requested = bool(self.lab.get_job_data().get("stop"))
 
     def on_report(self, m):
+        # one write of the job's index.json per report: lab rewrites it whole, without a lock, and so does
+        # the app (its stop flag), so every extra write is a chance to lose the other side's
         self.lab.update_progress(_percent(m["step"], self.total), metrics=metric_rows(m), step=m["step"])
-        self.lab.set_job_data_field("estimated_time_remaining", round(m["eta_s"]))
         self.log(report_line(m, self.total))
 
     def on_eval(self, m):
@@ -305,7 +306,6 @@ class TaskReporter(Callback):
         self.saved = self.lab.save_model(summary["adapter"], name=self.name, architecture="MLX",
                                          pipeline_tag="text-generation", parent_model=self.parent_model)
         self.lab.set_job_data_field("adapter_path", self.saved)
-        self.lab.set_job_data_field("estimated_time_remaining", 0)
         if summary["stopped"]:
             message = _stopped_message(summary)
             self.lab.set_job_data_field("completion_details", message)
