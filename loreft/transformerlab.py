@@ -195,6 +195,14 @@ def _stopped_message(summary: dict) -> str:
     return f"Stopped by user at step {summary['steps']} of {summary['total_steps']}; adapter saved to {summary['adapter']}"
 
 
+def named_metrics(m: dict) -> dict:
+    """The metrics of one report or evaluation under the names both runtimes report them by (train/loss, eval/loss ...)."""
+    if m.get("kind") == "train":
+        return {f"train/{k}": m[k] for k in ("loss", "learning_rate", "tokens_per_sec")}
+    prefix = "eval" if m["split"] == "valid" else m["split"]
+    return {f"{prefix}/{k}": m[k] for k in ("loss", "perplexity", "exact_match") if k in m}
+
+
 class PluginReporter(Callback):
     """Reports to a plugin job through tlab_trainer; a Stop in the app becomes should_stop()."""
 
@@ -227,16 +235,13 @@ class PluginReporter(Callback):
     def on_report(self, m):
         self.eta_s = m["eta_s"]
         self.log(report_line(m, self.total))
-        for name in ("loss", "learning_rate", "tokens_per_sec"):
-            self.tlab.log_metric(f"train/{name}", float(m[name]), m["step"])
+        for name, value in named_metrics(m).items():
+            self.tlab.log_metric(name, float(value), m["step"])
 
     def on_eval(self, m):
         self.log(eval_line(m))
-        prefix = "eval" if m["split"] == "valid" else m["split"]
-        for name in ("loss", "perplexity"):
-            self.tlab.log_metric(f"{prefix}/{name}", float(m[name]), m["step"])
-        if "exact_match" in m:
-            self.tlab.log_metric(f"{prefix}/exact_match", float(m["exact_match"]), m["step"])
+        for name, value in named_metrics(m).items():
+            self.tlab.log_metric(name, float(value), m["step"])
 
     def on_end(self, summary):
         self.tlab.add_job_data("estimated_time_remaining", 0)
@@ -245,14 +250,6 @@ class PluginReporter(Callback):
 
     def should_stop(self):
         return self.stopped
-
-
-def metric_rows(m: dict) -> dict:
-    """The metrics of one report or evaluation under the names both runtimes report them by (train/loss, eval/loss ...)."""
-    if m.get("kind") == "train":
-        return {f"train/{k}": m[k] for k in ("loss", "learning_rate", "tokens_per_sec")}
-    prefix = "eval" if m["split"] == "valid" else m["split"]
-    return {f"{prefix}/{k}": m[k] for k in ("loss", "perplexity", "exact_match") if k in m}
 
 
 class TaskReporter(Callback):
@@ -287,11 +284,11 @@ class TaskReporter(Callback):
     def on_report(self, m):
         # one write of the job's index.json per report: lab rewrites it whole, without a lock, and so does
         # the app (its stop flag), so every extra write is a chance to lose the other side's
-        self.lab.update_progress(_percent(m["step"], self.total), metrics=metric_rows(m), step=m["step"])
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=named_metrics(m), step=m["step"])
         self.log(report_line(m, self.total))
 
     def on_eval(self, m):
-        self.lab.update_progress(_percent(m["step"], self.total), metrics=metric_rows(m), step=m["step"])
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=named_metrics(m), step=m["step"])
         self.log(eval_line(m))
 
     def on_checkpoint(self, step, path):
@@ -461,7 +458,7 @@ def run_task(log=print) -> int:
         score = {}
         for split in ("valid", "test"):  # the score's keys are the metrics' own names: a sweep ranks by them
             if summary.get(split):
-                score.update(metric_rows({"kind": "eval", "split": split, **summary[split]}))
+                score.update(named_metrics({"kind": "eval", "split": split, **summary[split]}))
         lab.update_progress(100)
         lab.finish(f"LoReFT adapter trained ({summary['steps']} steps); saved to {reporter.saved}", score=score)
         return 0
