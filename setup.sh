@@ -3,12 +3,12 @@
 # venv before running this; a task runs it from its setup step, in the job's venv). The MLX backend is
 # chosen per machine: macOS on Apple silicon -> mlx (Metal); Linux with an NVIDIA GPU -> mlx[cuda13]
 # (driver >= 580) or mlx[cuda12]; any other Linux -> mlx[cpu]. Then the other dependencies.
-#   bash setup.sh          the plugin (the app up to v0.30)
+#   bash setup.sh          the plugin (the app up to v0.30), or the command line anywhere else
 #   bash setup.sh --task   the task (the app from v0.31)
 # The `transformerlab` package the app put in the venv is never replaced: the plugin SDK of the archived
 # server needs its pinned 0.0.x (0.1.x breaks it). Only when it is missing is it installed: for a plugin,
-# the version the app pins (read from its requirements under $_TFL_SOURCE_CODE_DIR), for a task the
-# pyproject's `transformerlab` extra.
+# the version the app pins (read from its requirements under $_TFL_SOURCE_CODE_DIR, which the app sets),
+# for a task the pyproject's `transformerlab` extra; outside the app (no $_TFL_SOURCE_CODE_DIR), none.
 # This package itself is not built (a build would fetch setuptools, which the app's venvs may lack): the
 # folder goes on the venv's import path with a .pth file, as an editable install does, and the `loreft`
 # command into the venv's bin/. Keep the folder where it is.
@@ -65,18 +65,17 @@ pins=()
 # (lab prints its home folder when imported: the version is the last line)
 if tl_version="$("$PY" -c 'import importlib.metadata as m, lab; print(m.version("transformerlab"))' 2>/dev/null | tail -n 1)"; then
     echo "Keeping the app's transformerlab $tl_version"
-elif [ "$mode" = "plugin" ]; then
-    src="${_TFL_SOURCE_CODE_DIR:-}"
-    pin=""
-    if [ -n "$src" ] && [ -d "$src" ]; then
-        pin="$(cat "$src"/requirements*.txt "$src"/requirements*.in 2>/dev/null | grep -o -m 1 -E '^transformerlab==[^ ;#]+' || true)"
-    fi
+elif [ "$mode" = "task" ]; then
+    extra="transformerlab"
+elif [ -n "${_TFL_SOURCE_CODE_DIR:-}" ]; then
+    src="$_TFL_SOURCE_CODE_DIR"
+    pin="$(cat "$src"/requirements*.txt "$src"/requirements*.in 2>/dev/null | grep -o -m 1 -E '^transformerlab==[^ ;#]+' || true)"
     pin="${pin:-transformerlab==0.0.45}"  # the archived transformerlab-api's last pin
     echo "No transformerlab in this venv: installing $pin, the app's pin, and the plugin SDK's other imports"
     pins=("$pin")
     extra="plugin"
 else
-    extra="transformerlab"
+    echo "No TransformerLab here (\$_TFL_SOURCE_CODE_DIR is unset): installing for the command line only"
 fi
 
 # The package's dependencies from pyproject.toml, minus its own choice of MLX backend: mlx-cpu and
@@ -120,5 +119,7 @@ chmod +x "$scripts/loreft"
 
 (cd / && "$PY" -c "import mlx.core as mx, mlx_lm, loreft; print('mlx-loreft', loreft.__version__, 'on', mx.default_device())") \
     || die "the installed packages do not import (see above)"
-"$PY" -c "from lab import lab" || die "the transformerlab package does not import (see above)"
+if [ -n "${tl_version:-}" ] || [ -n "$extra" ]; then
+    "$PY" -c "from lab import lab" || die "the transformerlab package does not import (see above)"
+fi
 echo "setup.sh: done"
