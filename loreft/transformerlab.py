@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ConfigError
 from .job import PARAMETERS, PARAMS_BY_NAME, Job, coerce, job_from_params, run_job
-from .reporting import Callback, eval_line, report_line, start_lines
+from .reporting import Callback, eval_line, report_line, scalars, start_lines
 
 # Parameters the app itself supplies (model_name, the dataset, adaptor_output_dir): not form fields.
 APP_FIELDS = ("model", "data", "adapter_dir")
@@ -195,14 +195,6 @@ def _stopped_message(summary: dict) -> str:
     return f"Stopped by user at step {summary['steps']} of {summary['total_steps']}; adapter saved to {summary['adapter']}"
 
 
-def named_metrics(m: dict) -> dict:
-    """The metrics of one report or evaluation under the names both runtimes report them by (train/loss, eval/loss ...)."""
-    if m.get("kind") == "train":
-        return {f"train/{k}": m[k] for k in ("loss", "learning_rate", "tokens_per_sec")}
-    prefix = "eval" if m["split"] == "valid" else m["split"]
-    return {f"{prefix}/{k}": m[k] for k in ("loss", "perplexity", "exact_match") if k in m}
-
-
 class PluginReporter(Callback):
     """Reports to a plugin job through tlab_trainer; a Stop in the app becomes should_stop()."""
 
@@ -235,13 +227,13 @@ class PluginReporter(Callback):
     def on_report(self, m):
         self.eta_s = m["eta_s"]
         self.log(report_line(m, self.total))
-        for name, value in named_metrics(m).items():
-            self.tlab.log_metric(name, float(value), m["step"])
+        for name, value in scalars(m).items():
+            self.tlab.log_metric(name, value, m["step"])
 
     def on_eval(self, m):
         self.log(eval_line(m))
-        for name, value in named_metrics(m).items():
-            self.tlab.log_metric(name, float(value), m["step"])
+        for name, value in scalars(m).items():
+            self.tlab.log_metric(name, value, m["step"])
 
     def on_end(self, summary):
         self.tlab.add_job_data("estimated_time_remaining", 0)
@@ -284,11 +276,11 @@ class TaskReporter(Callback):
     def on_report(self, m):
         # one write of the job's index.json per report: lab rewrites it whole, without a lock, and so does
         # the app (its stop flag), so every extra write is a chance to lose the other side's
-        self.lab.update_progress(_percent(m["step"], self.total), metrics=named_metrics(m), step=m["step"])
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=scalars(m), step=m["step"])
         self.log(report_line(m, self.total))
 
     def on_eval(self, m):
-        self.lab.update_progress(_percent(m["step"], self.total), metrics=named_metrics(m), step=m["step"])
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=scalars(m), step=m["step"])
         self.log(eval_line(m))
 
     def on_checkpoint(self, step, path):
@@ -458,7 +450,7 @@ def run_task(log=print) -> int:
         score = {}
         for split in ("valid", "test"):  # the score's keys are the metrics' own names: a sweep ranks by them
             if summary.get(split):
-                score.update(named_metrics({"kind": "eval", "split": split, **summary[split]}))
+                score.update(scalars({"kind": "eval", "split": split, **summary[split]}))
         lab.update_progress(100)
         lab.finish(f"LoReFT adapter trained ({summary['steps']} steps); saved to {reporter.saved}", score=score)
         return 0
