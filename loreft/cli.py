@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_process:
         print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
               f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
-    stop = StopOnSignal()
+    # Ctrl-C or SIGTERM (kill, a scheduler's stop) ends training at the next step with the adapter saved
+    stop = StopOnSignal((signal.SIGINT, signal.SIGTERM)).install()
     try:
         summary = run_job(job, callbacks=[ProgressBar(), stop])
     finally:

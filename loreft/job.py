@@ -90,8 +90,10 @@ TITLES = {
     "resume": "Resume From Checkpoint", "preset": "Paper Preset", "best_metric": "Keep the Best Adapter By",
     "early_stopping_min_delta": "Early Stopping Min Delta", "report_to": "Report To",
 }
-# task.yaml's defaults where they differ from PARAMETERS': a first run of minutes, not hours.
-TASK_OVERRIDES = {"iters": 300, "steps_per_eval": 100, "max_eval_batches": 8}
+# TransformerLab's defaults where they differ from PARAMETERS': checkpoints on (the app's Resume starts
+# from them), and in task.yaml a first run of minutes, not hours.
+APP_OVERRIDES = {"save_every": 100}
+TASK_OVERRIDES = {**APP_OVERRIDES, "iters": 300, "steps_per_eval": 100, "max_eval_batches": 8}
 
 
 def coerce(param: Param, value: Any) -> Any:

@@ -285,8 +285,6 @@ def train(
     if book.evaluates and not stopped:
         valid_metrics = book.validate(final_step) if book.last_eval_step != final_step else _last_valid(book.history)
     path = book.save_final(final_step, args_record)
-    if is_main and options.plot is not None:
-        _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     adapter_step = book.best["step"] if book.best and book.best_weights is not None else final_step
     if adapter_step != final_step and not stopped:  # the summary describes the adapter saved
         valid_metrics = _last_valid([r for r in book.history if r["step"] == adapter_step]) or valid_metrics
@@ -303,6 +301,10 @@ def train(
     }
     for cb in book.callbacks:
         cb.on_end(summary)
+    # optional files last: after a stop, on_end publishes the adapter (TransformerLab's task) before the
+    # app's SIGKILL, 3 s after its SIGTERM; drawing the plot first took seconds
+    if is_main and options.plot is not None:
+        _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     return summary
 
 
