@@ -154,6 +154,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"
     valid_fraction: float = 0.2
+    grad_checkpoint: bool = False  # recompute each intervened block's activations in the backward pass
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError on the first bad one."""
@@ -187,6 +188,8 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
         number("valid_fraction", 0, 0.9)
+        if not isinstance(self.grad_checkpoint, bool):
+            raise ConfigError("grad_checkpoint", self.grad_checkpoint, "must be true or false")
         return self
 
     def to_dict(self) -> dict:

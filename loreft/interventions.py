@@ -26,17 +26,20 @@ def orthonormalize(a: mx.array) -> mx.array:
     Differentiable (plain ops, no QR), r sequential steps of O(d r) work; exact to float32 rounding,
     and the identity on a matrix whose columns are already orthonormal. A batch (..., d, r) is
     orthonormalized matrix by matrix in the same r steps (one pass for many interventions).
+    Every step works on the full (..., d, r) width (columns not yet made are zeros), so all r steps
+    and their gradients are the same few fused kernels: on CUDA each distinct kernel is compiled once.
     """
     a = a.astype(mx.float32)
-    cols: list[mx.array] = []
-    for v in mx.split(a, a.shape[-1], axis=-1):  # columns (..., d, 1), in order
-        if cols:
-            q = mx.concatenate(cols, axis=-1)
-            for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
-                # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
-                v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
-        cols.append(v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True)))
-    return mx.concatenate(cols, axis=-1)
+    r = a.shape[-1]
+    unit = mx.eye(r, dtype=a.dtype)
+    q = mx.zeros_like(a)  # the orthonormal columns made so far, zeros after them
+    for j in range(r):
+        v = a[..., j : j + 1]  # (..., d, 1)
+        for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
+            # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
+            v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
+        q = q + (v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True))) * unit[j]
+    return q
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ PARAMETERS: list[Param] = [
     Param("max_eval_batches", int, _T.max_eval_batches, "Cap on validation batches (0: the whole split).", minimum=0, group="train"),
     Param("valid_fraction", float, _T.valid_fraction, "Share of train held out when the data has no validation split.", minimum=0.0, maximum=0.9, group="train"),
     Param("seed", int, _T.seed, "Seed for initialization, shuffling, splits and dropout.", minimum=0, group="train"),
+    Param("grad_checkpoint", bool, _T.grad_checkpoint, "Recompute the blocks' activations in the backward pass instead of keeping them: less memory for long sequences, slower steps.", group="train"),
     Param("dtype", str, _T.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
 ]
 PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}

@@ -19,6 +19,7 @@ class _Context:
     def __init__(self):
         self._locations: Locations | None = None
         self.seen: dict[int, int] = {}  # tokens each block has processed, for caches without an offset
+        self.recompute = False  # training: keep no activations inside the wrapped blocks (mx.checkpoint)
 
     @property
     def locations(self) -> Locations | None:
@@ -62,7 +63,9 @@ class ReftBlock(nn.Module):
         if offset is None:
             offset = self._context.seen.get(id(self), 0)
             self._context.seen[id(self)] = offset + x.shape[1]
-        h = self.block(x, *args, **kwargs)
+        # the wrapped block is frozen: checkpointing it needs no parameters passed in, only its inputs
+        block = mx.checkpoint(self.block) if self._context.recompute and self.training else self.block
+        h = block(x, *args, **kwargs)
         locations = self._context.locations
         if locations is None or (isinstance(offset, int) and offset >= locations.end):
             return h  # no edit here: decode steps after the prompt cost nothing extra
@@ -163,6 +166,10 @@ class Reft:
     def set_locations(self, locations: Locations | None) -> None:
         """Edit at these locations on the next calls; None turns the edit off (plain base model)."""
         self._context.locations = locations
+
+    def recompute_blocks(self, on: bool) -> None:
+        """Training only: recompute each intervened block's activations in the backward pass (less memory, more time)."""
+        self._context.recompute = on
 
     def parameters(self) -> dict[str, mx.array]:
         """Flat dict of every intervention parameter, e.g. 'layers.3.first.weight'."""

@@ -21,7 +21,8 @@ class Callback:
         """After every optimizer step (cheap: no device sync)."""
 
     def on_report(self, metrics: dict) -> None:
-        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec, trained_tokens, peak_memory_gb, eta_s, progress."""
+        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec (every token of the rows, prompts too),
+        supervised_tokens_per_sec (the tokens the loss is on), trained_tokens, peak_memory_gb, eta_s, progress."""
 
     def on_eval(self, metrics: dict) -> None:
         """After each evaluation: step, split, loss, perplexity."""
@@ -98,7 +99,9 @@ class ProgressBar(Callback):
 
     def on_report(self, m):
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}", lr=f"{m['learning_rate']:.2e}")
+            # all: every token of the rows; sup: the supervised ones (what mlx_lm lora --mask-prompt counts)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s_all=f"{m['tokens_per_sec']:.0f}",
+                                 tok_s_sup=f"{m.get('supervised_tokens_per_sec', 0):.0f}", lr=f"{m['learning_rate']:.2e}")
 
     def on_eval(self, m):
         line = f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}"

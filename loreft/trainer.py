@@ -245,6 +245,17 @@ def _share_main_state(reft: Reft, optimizer: optim.Optimizer, saved: dict | None
     return json.loads(text) if text else None
 
 
+def release_cached_memory() -> None:
+    """Give the device the free buffers MLX keeps for reuse, between phases of a run (evaluation, saving, the end).
+
+    MLX keeps every freed buffer for the next allocation of its size: within a training step that is what makes
+    steps fast, but across phases the buffers of one phase (other shapes) stay reserved on top of the next
+    one's, and the process holds them until it exits (which is what nvidia-smi shows). Clearing at phase
+    boundaries costs one re-allocation of the step's buffers, not one per step.
+    """
+    mx.clear_cache()
+
+
 def make_optimizer(cfg: TrainConfig, total_updates: int) -> optim.Optimizer:
     """Adam (AdamW when weight decay > 0) with warmup then constant / linear / cosine decay."""
     warmup = min(int(math.ceil(cfg.warmup_ratio * total_updates)), max(total_updates - 1, 0))
@@ -303,6 +314,7 @@ def _make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, compile
     model = reft.model
     head = output_head(model)  # logits at supervised positions only, where the model's layout allows
     interventions = list(reft.interventions().values())
+    reft.recompute_blocks(cfg.grad_checkpoint)
 
     def loss(model, tokens, mask, locs, picks=None):
         reft.set_locations(Locations.from_arrays(reft.groups, locs))
@@ -427,10 +439,12 @@ def train(
         return save_adapter(reft, path, write_extras=extras, keep=(CHECKPOINTS,), **adapter_kw) if is_main else path
 
     def run_eval(step: int, split: str, examples) -> dict:
+        release_cached_memory()  # the training step's buffers are not needed while evaluating, nor eval's after
         m = evaluate_loss(model, examples, cfg.batch_size, reft=reft, pad_id=pad_id,
                           max_batches=cfg.max_eval_batches if split == "valid" else 0)
         if split == "test" and test_metrics_fn is not None:
             m.update(test_metrics_fn(examples))
+        release_cached_memory()
         row = {"kind": "eval", "split": split, "step": step, **m}
         history.append(row)
         for cb in callbacks:
@@ -519,7 +533,8 @@ def train(
                 "kind": "train", "step": done, "epoch": step // per_epoch,
                 "loss": window["loss"] / max(window["targets"], 1),
                 "learning_rate": lr.item(),
-                "tokens_per_sec": window["tokens"] / max(window["time"], 1e-9),
+                "tokens_per_sec": window["tokens"] / max(window["time"], 1e-9),  # every token of the rows, prompts too
+                "supervised_tokens_per_sec": window["targets"] / max(window["time"], 1e-9),  # tokens the loss is on
                 "trained_tokens": trained_tokens + seen_tokens,
                 "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 "eta_s": (total_steps - done) * train_time / steps_done,
@@ -536,6 +551,7 @@ def train(
             _check_finite(reft, done, last_checkpoint, cfg)  # this step's update may have gone bad: never save it
             folder = adapter_dir / CHECKPOINTS / f"step-{done:07d}"
             if is_main:  # only rank 0 writes; the others may not even share its disk
+                release_cached_memory()
                 save_checkpoint(reft, optimizer, folder, done, {"history": history, "trained_tokens": trained_tokens + seen_tokens}, **adapter_kw)
             last_checkpoint = folder
             for cb in callbacks:
@@ -556,6 +572,7 @@ def train(
     _check_finite(reft, final_step, last_checkpoint, cfg)
     # a stop saves at once (the app may kill the process seconds later); a finished run evaluates first
     valid_metrics = run_eval(final_step, "valid", valid_set) if valid_set and not stopped else None
+    release_cached_memory()
     path = save_final(adapter_dir)
     test_metrics = run_eval(final_step, "test", test_set) if test_set and not stopped else None
     summary = {
@@ -564,6 +581,7 @@ def train(
         "valid": valid_metrics, "test": test_metrics, "trainable": stats.trainable,
         "total_parameters": stats.total, "train_time_s": train_time,
     }
+    release_cached_memory()
     for cb in callbacks:
         cb.on_end(summary)
     return summary
