@@ -138,6 +138,9 @@ def kernel_modules(folder: Path) -> dict:
             "names": sorted({f.name.split(".")[0] for f in files})}
 
 
+PARTIAL: list[Path] = []  # where each finished job's row is appended (a run cut short keeps what it measured)
+
+
 def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_dir: Path) -> dict:
     """Run one job as its own process; wall time, nvidia-smi memory, and its log."""
     log = log_dir / f"{label}.log"
@@ -149,16 +152,19 @@ def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_
     text = log.read_text()
     row = {"label": label, "returncode": code, "wall_s": round(t1 - t0, 2), "cmd": cmd, "env": env}
     if mem.samples:
-        used = [v for _, v in mem.samples]
-        last = [v for t, v in mem.samples if t >= t1 - 1.0] or used[-1:]
-        row.update(gpu_idle_mib=mem.idle, gpu_peak_mib=max(used), gpu_end_mib=min(last),
-                   process_peak_gb=(max(used) - (mem.idle or 0)) * 2**20 / 1e9,
-                   process_end_gb=(min(last) - (mem.idle or 0)) * 2**20 / 1e9)
+        used, idle = [v for _, v in mem.samples], mem.idle or 0
+        # at the end: the last sample while the process still held memory (MLX keeps it until the process is gone)
+        end = next((v for v in reversed(used) if v > idle + 64), idle)
+        row.update(gpu_idle_mib=mem.idle, gpu_peak_mib=max(used), gpu_end_mib=end,
+                   process_peak_gb=(max(used) - idle) * 2**20 / 1e9, process_end_gb=(end - idle) * 2**20 / 1e9)
     if kernel_dir is not None:
         k = kernel_modules(kernel_dir)
         row.update(kernel_files=k["files"], kernel_modules=k["modules"], kernel_names=k["names"])
     if code != 0:
         row["log_tail"] = text[-3000:]
+    for path in PARTIAL:
+        with open(path, "a") as f:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}) + "\n")
     print(f"   {label}: exit {code}, {row['wall_s']:.1f} s, nvidia-smi peak {row.get('process_peak_gb', float('nan')):.2f} GB, "
           f"end {row.get('process_end_gb', float('nan')):.2f} GB, kernels {row.get('kernel_modules')}", flush=True)
     return row
@@ -374,6 +380,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     work = Path(a.work)
+    PARTIAL.append(Path(a.out + ".partial.jsonl"))
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
