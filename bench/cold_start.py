@@ -65,8 +65,7 @@ def prepare(work: Path, shape: str, dtype: str, seq: int, rows: int, seed: int =
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from bench.mlx_bench import build_model
-    from bench.shapes import SHAPES
+    from bench.shapes import SHAPES, build_model
 
     model_dir, data_dir = work / f"model-{shape}-{dtype}", work / f"data-{seq}"
     if not (model_dir / "model.safetensors").is_file():
@@ -147,7 +146,8 @@ def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_
     print(f"== {label}: {' '.join(cmd[:4])} ...", flush=True)
     with GpuMemory() as mem, open(log, "w") as out:
         t0 = time.perf_counter()
-        code = subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset it for this job
+        code = subprocess.run(cmd, env=full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         t1 = time.perf_counter()
     text = log.read_text()
     row = {"label": label, "returncode": code, "wall_s": round(t1 - t0, 2), "cmd": cmd, "env": env}
@@ -219,7 +219,9 @@ def lora_cmd(model: Path, data: Path, adapter: Path, a, extra: list[str] = ()) -
 def loreft_worker(policy: str, args: list[str]) -> int:
     """`loreft train` in this process, with a buffer-cache policy: default (the library's), none (no clearing),
     limit=<GB> (also mx.set_cache_limit), lockstep (no step queued ahead)."""
-    import loreft  # noqa: F401  (the library's set-up, as the CLI gets it)
+    import loreft.backend
+
+    loreft.backend.setup()  # as the CLI does, before mlx.core is imported (main() below calls it again: no-op)
     import mlx.core as mx
 
     from loreft import data, trainer
@@ -273,7 +275,8 @@ def plan_cold(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     import mlx.core as mx
 
     loreft_kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
-    loreft_env = {"XDG_CACHE_HOME": str(cache_home)}
+    # this process's own set-up may have set MLX_PTX_CACHE_DIR: the job must find its default by itself
+    loreft_env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None}
     lora_env = {"MLX_PTX_CACHE_DIR": str(lora_kernels)}
     rows = []
     for phase in ("cold", "warm"):

@@ -41,11 +41,13 @@ def modules(folder: Path) -> list[str]:
 
 def worker(a: argparse.Namespace) -> None:
     """One step of one method (a.method) in this process; prints its wall time."""
-    import loreft  # noqa: F401  (fast BLAS on a Linux CPU)
+    import loreft.backend
+
+    loreft.backend.setup()  # first: fast BLAS on a Linux CPU, the CUDA settings on a GPU
     import mlx.core as mx
     import numpy as np
 
-    from bench.mlx_bench import Setting, build_model, lora_runner, loreft_runner
+    from bench.mlx_bench import Setting, lora_runner, loreft_runner
     from bench.shapes import SHAPES
 
     if a.narrow:

@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten
 
 from loreft import ReftConfig, TrainConfig, attach
 from loreft.demo import build_tiny_model
-from loreft.trainer import _make_step, completion_loss, make_optimizer
+from loreft.loss import completion_loss
+from loreft.trainer import make_optimizer, make_step
 
 REFT = ReftConfig(layers="all", rank=3, positions="f2+l2", seed=1)
 
@@ -56,7 +57,7 @@ def test_trainer_step_same_update_and_less_memory(tmp_path):
         cfg = TrainConfig(learning_rate=1e-2, grad_checkpoint=on)
         opt = make_optimizer(cfg, 10)
         opt.init(model.trainable_parameters())
-        step, state = _make_step(reft, opt, cfg)
+        step, state = make_step(reft, opt, cfg)
         locs = reft.locations([T // 2] * B).as_arrays()
         mx.eval(state)
         mx.clear_cache()
