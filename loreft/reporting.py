@@ -124,7 +124,8 @@ class ProgressBar(Callback):
 def scalars(row: dict) -> dict[str, float]:
     """A report or evaluation row's metrics under the names every logger uses: train/loss, eval/perplexity, ..."""
     if row.get("kind") == "train":
-        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec") if k in row}
+        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec", "supervised_tokens_per_sec")
+                if k in row}
     prefix = "eval" if row.get("split") == "valid" else row.get("split", "eval")
     return {f"{prefix}/{k}": float(row[k]) for k in ("loss", "perplexity", "exact_match") if k in row}
 

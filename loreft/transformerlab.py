@@ -211,8 +211,8 @@ class TaskReporter(Callback):
     def on_report(self, m):
         metrics = {**scalars(m), "estimated_time_remaining": m["eta_s"]}
         self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
-        self.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s, "
-                     f"ETA {m['eta_s']:.0f}s")
+        self.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s "
+                 f"(all; {m.get('supervised_tokens_per_sec', 0):.0f} supervised), ETA {m['eta_s']:.0f}s")
 
     def on_eval(self, m):
         self.lab.update_progress(_percent(m["step"], self.total), metrics=scalars(m), step=m["step"])
