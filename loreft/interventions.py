@@ -20,6 +20,21 @@ ACT_FNS = {
 }
 
 
+@mx.custom_function
+def unstack(x: mx.array) -> list[mx.array]:
+    """x[0], x[1], ...: the same slices, with one stack of their cotangents as the gradient.
+
+    The gradient of plain slicing is a zero-filled copy per slice, added up: one kernel per number of slices
+    (compiled separately on CUDA) and a pass over x per slice, where a stack is one copy.
+    """
+    return [x[i] for i in range(x.shape[0])]
+
+
+@unstack.vjp
+def _unstack_vjp(primals, cotangents, outputs):
+    return mx.stack(cotangents)
+
+
 def orthonormalize(a: mx.array) -> mx.array:
     """Orthonormal columns spanning a (d, r) matrix's columns: classical Gram-Schmidt run twice.
 
@@ -33,8 +48,8 @@ def orthonormalize(a: mx.array) -> mx.array:
     r = a.shape[-1]
     unit = mx.eye(r, dtype=a.dtype)
     q = mx.zeros_like(a)  # the orthonormal columns made so far, zeros after them
-    for j in range(r):
-        v = a[..., j : j + 1]  # (..., d, 1)
+    for j, column in enumerate(unstack(mx.moveaxis(a, -1, 0))):
+        v = column[..., None]  # (..., d, 1)
         for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
             # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
             v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
@@ -58,8 +73,8 @@ def batched_rotations(interventions: Iterable["Intervention"]):
     try:
         for ivs in by_shape.values():
             rs = orthonormalize(mx.stack([iv.rotation for iv in ivs]))
-            for iv, r in zip(ivs, mx.split(rs, len(ivs), axis=0)):
-                object.__setattr__(iv, "_cached_rotation", r.squeeze(0))  # a plain attribute: never a parameter
+            for iv, r in zip(ivs, unstack(rs)):
+                object.__setattr__(iv, "_cached_rotation", r)  # a plain attribute: never a parameter
                 done.append(iv)
         yield
     finally:
