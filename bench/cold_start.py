@@ -13,7 +13,8 @@ number of kernels in each job's MLX kernel folder (a cold job starts with an emp
     python bench/cold_start.py --plan checkpoint --out ckpt.json      # 2k and 4k tokens, recompute on and off
     python bench/cold_start.py --plan decode --out decode.json        # decode: adapter, base, mlx-lm's generate
 
-Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty.
+Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty. mlx-lm runs as
+its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it.
 """
 
 from __future__ import annotations
@@ -217,29 +218,25 @@ def lora_cmd(model: Path, data: Path, adapter: Path, a, extra: list[str] = ()) -
 
 
 def loreft_worker(policy: str, args: list[str]) -> int:
-    """`loreft train` in this process, with a buffer-cache policy: default (the library's), none (no clearing),
-    limit=<GB> (also mx.set_cache_limit), lockstep (no step queued ahead)."""
+    """`loreft train` in this process, with a buffer-cache policy: default (the library's), or limit=<GB> (the
+    library's plus mx.set_cache_limit)."""
     import loreft.backend
 
     loreft.backend.setup()  # as the CLI does, before mlx.core is imported (main() below calls it again: no-op)
     import mlx.core as mx
 
-    from loreft import data, trainer
+    from loreft import data
     from loreft.cli import main
 
     try:
         import datasets  # noqa: F401
-    except ImportError:  # the GPU image has no HF datasets: read the jsonl splits as lists of rows
+    except ImportError:  # a GPU image without HF datasets: read the jsonl splits as lists of rows (same rows)
         def read_folder(source):
             return {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in sorted(Path(source).glob("*.jsonl"))}
 
         data._load_source = read_folder
-    if policy == "none":
-        trainer.release_cached_memory = lambda: None
-    elif policy.startswith("limit="):
+    if policy.startswith("limit="):
         mx.set_cache_limit(int(float(policy.split("=")[1]) * 1e9))
-    elif policy == "lockstep":
-        trainer.QUEUE_AHEAD = 0
     return main(args)
 
 
@@ -375,7 +372,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--report", type=int, default=10, help="steps per report (the first report holds the compile)")
-    p.add_argument("--policies", default="none,default,limit=2,lockstep", help="memory plan: loreft's policies")
+    p.add_argument("--policies", default="default,limit=2", help="memory plan: loreft's policies (default, limit=<GB>)")
     p.add_argument("--lengths", default="2048,4096", help="checkpoint plan: row lengths")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="checkpoint plan: batch = this / length")
     p.add_argument("--adapter", help="decode plan: adapter folder (default: the cold plan's warm loreft adapter)")
