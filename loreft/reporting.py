@@ -25,7 +25,8 @@ class Callback:
         """After every optimizer step (cheap: no device sync)."""
 
     def on_report(self, metrics: dict) -> None:
-        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec, trained_tokens, peak_memory_gb, eta_s, progress."""
+        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec (every token of the rows, prompts too),
+        supervised_tokens_per_sec (the tokens the loss is on), trained_tokens, peak_memory_gb, eta_s, progress."""
 
     def on_eval(self, metrics: dict) -> None:
         """After each evaluation: step, split, loss, perplexity."""
@@ -112,7 +113,9 @@ class ProgressBar(Callback):
 
     def on_report(self, m):
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}", lr=f"{m['learning_rate']:.2e}")
+            # all: every token of the rows; sup: the supervised ones (what mlx_lm lora --mask-prompt counts)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s_all=f"{m['tokens_per_sec']:.0f}",
+                                 tok_s_sup=f"{m.get('supervised_tokens_per_sec', 0):.0f}", lr=f"{m['learning_rate']:.2e}")
 
     def on_eval(self, m):
         line = eval_line(m)
@@ -131,7 +134,8 @@ class ProgressBar(Callback):
 def scalars(row: dict) -> dict[str, float]:
     """A report or evaluation row's metrics under the names every logger uses: train/loss, eval/perplexity, ..."""
     if row.get("kind") == "train":
-        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec") if k in row}
+        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec", "supervised_tokens_per_sec")
+                if k in row}
     prefix = "eval" if row.get("split") == "valid" else row.get("split", "eval")
     return {f"{prefix}/{k}": float(row[k]) for k in ("loss", "perplexity", "exact_match") if k in row}
 
@@ -217,7 +221,8 @@ def write_metrics(history: list[dict], path: Path) -> None:
 def report_line(m: dict, total_steps: int) -> str:
     """One line per report, for logs without a progress bar (TransformerLab's job output)."""
     return (f"step {m['step']}/{total_steps}: loss {m['loss']:.4f}, lr {m['learning_rate']:.3g}, "
-            f"{m['tokens_per_sec']:.0f} tokens/s, ETA {m['eta_s']:.0f}s")
+            f"{m['tokens_per_sec']:.0f} tokens/s (all; {m.get('supervised_tokens_per_sec', 0):.0f} supervised), "
+            f"ETA {m['eta_s']:.0f}s")
 
 
 def eval_line(m: dict) -> str:

@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .bookkeeper import Bookkeeper, NonFiniteLossError
+from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
@@ -167,6 +167,7 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
     model = reft.model
     split = split_at_head(model) if options.sparse_logits else None
     interventions = list(reft.interventions().values())
+    reft.recompute_blocks(cfg.grad_checkpoint)
     rotations = batched_rotations if options.batched_rotations else (lambda _: contextlib.nullcontext())
 
     def loss(model, tokens, mask, locs, supervised=None):
@@ -299,6 +300,7 @@ def train(
         "valid": valid_metrics, "test": test_metrics, "trainable": stats.trainable,
         "total_parameters": stats.total, "train_time_s": book.train_time,
     }
+    release_cached_memory()  # the run is over: what nvidia-smi shows drops to the weights and the adapter
     for cb in book.callbacks:
         cb.on_end(summary)
     # optional files last: after a stop, on_end publishes the adapter (TransformerLab's task) before the
