@@ -380,17 +380,24 @@ async def complete(served: Served, job: Job, chat: bool, name: str, request: Htt
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    pieces, finish_reason, count = [], None, 0
-    generation = generate_text(served, job)
+    pieces, ending = [], {"finish_reason": None, "count": 0}
+
+    async def collect():
+        async for piece, ending["finish_reason"], ending["count"] in generate_text(served, job):
+            pieces.append(piece)
+
+    collecting = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        async for piece, finish_reason, count in generation:
-            pieces.append(piece)
-            if watcher.done():
-                break  # the client left; closing the generator frees the slot
+        await asyncio.wait({collecting, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        await generation.aclose()
+        collecting.cancel()  # a no-op once done; else the client left: the generator's cleanup frees the slot
+    await asyncio.gather(collecting, return_exceptions=True)
+    if collecting.cancelled():
+        return JSONResponse({}, status_code=499)  # nobody is listening
+    collecting.result()  # raises ApiError if generation failed
+    finish_reason, count = ending["finish_reason"], ending["count"]
     text = "".join(pieces)
     head["object"] = "chat.completion" if chat else "text_completion"
     if chat:
