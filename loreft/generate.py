@@ -304,10 +304,12 @@ class ContinuousBatcher:
     cancelled requests leave the batch at the next step. All MLX work runs on the batcher's own thread.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 32, prefill_step_size: int = 2048):
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 32, prefill_batch: int = 8,
+                 prefill_step_size: int = 2048):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError("max_batch", max_batch, "must be an integer >= 1")
         self.model, self.max_batch, self.prefill_step_size = model, max_batch, prefill_step_size
+        self.prefill_batch = prefill_batch  # prompts admitted per step: running rows keep decoding meanwhile
         self.stop = eos_stop(tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: list[Request] = []
@@ -358,9 +360,8 @@ class ContinuousBatcher:
     def _loop(self) -> None:
         model_was_training = self.model.training
         self.model.eval()
-        stream = mx.new_stream(mx.default_device())  # this thread's own stream (MLX streams are per thread)
         try:
-            with mx.stream(stream):
+            with mx.stream(mx.default_stream(mx.default_device())):  # this thread's own (MLX streams are per thread)
                 while self._read_inbox(block=not (self._running or self._waiting)):
                     try:
                         self._admit()
@@ -401,7 +402,7 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         """Prefill waiting requests (as many as fit) and merge them into the running batch."""
-        room = self.max_batch - len(self._running)
+        room = min(self.max_batch - len(self._running), self.prefill_batch)
         if room <= 0 or not self._waiting:
             return
         admitted, self._waiting = self._waiting[:room], self._waiting[room:]
