@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -100,7 +101,15 @@ def stream_one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
     request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     start, first, chunks, usage = time.perf_counter(), None, 0, None
-    with urllib.request.urlopen(request, timeout=3600) as response:
+    for attempt in range(20):  # a server with a short listen backlog resets some of many simultaneous connects
+        try:
+            response = urllib.request.urlopen(request, timeout=3600)
+            break
+        except (ConnectionResetError, ConnectionRefusedError, urllib.error.URLError):
+            if attempt == 19:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    with response:
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":

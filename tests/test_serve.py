@@ -373,3 +373,75 @@ def _no_proxy():
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.lower() in ("http_proxy", "https_proxy", "all_proxy")}
     yield
     os.environ.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The TransformerLab chat task (chat/): adapter lookup, the page's streaming logic (no gradio needed), task.yaml
+
+
+def _chat_module(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "chat" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"loreft_chat_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chat_page_streams_the_servers_answer(client):
+    page = _chat_module("chat_page")
+    steps = list(page.stream_reply(client, "chat", PROMPTS[0], [], max_tokens=16))
+    assert steps[-1] == chat(client, "chat", PROMPTS[0])
+    assert all(later.startswith(earlier) for earlier, later in zip(steps, steps[1:]))  # it grows as tokens come
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    messages = history + [{"role": "user", "content": PROMPTS[1]}]
+    expected = client.chat.completions.create(model="chat", messages=messages, max_tokens=16, temperature=0)
+    assert list(page.stream_reply(client, "chat", PROMPTS[1], history, max_tokens=16))[-1] == expected.choices[0].message.content
+    assert list(page.stream_reply(client, "chat", PROMPTS[1], [["Hi", "Hello"]], max_tokens=16))[-1] == expected.choices[0].message.content
+    # a template adapter answers the last message alone, and says so
+    last = list(page.stream_reply(client, "tmpl", PROMPTS[1], history, max_tokens=16))[-1]
+    assert last == chat(client, "tmpl", PROMPTS[1]) + page.SINGLE_PROMPT_NOTE
+
+
+def test_chat_task_finds_a_jobs_saved_adapter(tmp_path, adapters):
+    run = _chat_module("run")
+    workspace = tmp_path / "workspace"
+    saved = workspace / "experiments" / "alpha" / "jobs" / "12" / "models" / "12_loreft"
+    shutil.copytree(adapters["chat"], saved)
+    (workspace / "experiments" / "alpha" / "jobs" / "12" / "models" / "12_other").mkdir()  # not an adapter
+    shutil.copytree(adapters["tmpl"], workspace / "experiments" / "beta" / "jobs" / "7" / "models" / "7_a")
+    shutil.copytree(adapters["tmpl"], workspace / "experiments" / "beta" / "jobs" / "7" / "models" / "7_b")
+    for ref in ("12", "alpha/12", "12_loreft", str(saved)):
+        assert run.resolve_adapter(ref, str(workspace)) == saved
+    for ref, words in (("13", "no ReFT adapter"), ("7", "several"), ("a/b/c", "neither"), (str(tmp_path), "not a ReFT")):
+        with pytest.raises(run.ChatTaskError, match=words):
+            run.resolve_adapter(ref, str(workspace))
+    with pytest.raises(run.ChatTaskError, match="TFL_WORKSPACE_DIR"):
+        run.resolve_adapter("12", None)
+    cmd = run.serve_command("", saved, 8001)
+    assert cmd[1:4] == ["-m", "loreft.cli", "serve"] and f"adapter={saved}" in cmd and "--model" not in cmd
+    with pytest.raises(run.ChatTaskError):
+        run.serve_command("", None, 8001)
+
+
+def test_chat_task_yaml_is_a_task_the_app_accepts():
+    """Only the keys the app's task.yaml schema allows; every parameter reaches run.py through its env var."""
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(__file__).resolve().parents[1] / "chat"
+    task = yaml.safe_load((folder / "task.yaml").read_text())
+    allowed = {"name", "resources", "envs", "setup", "run", "github_repo_url", "github_repo_dir", "github_repo_branch",
+               "parameters", "sweeps", "minutes_requested"}
+    assert set(task) <= allowed and task["run"] == "python chat/run.py" and task["setup"] == "bash chat/setup.sh"
+    sources = (folder / "run.py").read_text() + (folder / "setup.sh").read_text()
+    for name, p in task["parameters"].items():
+        assert p["env_var"] in sources, name
+    entry = json.loads((folder / "gallery-entry.json").read_text())
+    import re
+
+    pattern = entry["url_patterns"][0]
+    assert re.search(pattern["regex"], "* Running on local URL:  http://0.0.0.0:7860").group(pattern["group"]) == "http://0.0.0.0:7860"
