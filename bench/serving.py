@@ -4,7 +4,8 @@ Each server runs in its own process on a random-weight model of a public shape (
 the demo tokenizer's small vocabulary so nothing is downloaded) or on --model. N clients stream
 /v1/completions at once (greedy, the same prompts and budget for every server); the result is output
 tokens/s over the whole run (all clients' tokens / wall time from the first request to the last token)
-and the median time to first token, at each concurrency.
+and the median time to first token, at each concurrency. The servers run side by side and are measured in
+interleaved rounds (each row is the median round), so a change in the machine's load hits all alike.
 
     python bench/serving.py                                  # llama-small, float32, 1/8/32 streams (CPU)
     python bench/serving.py --shape qwen2-0.5b --dtype bfloat16 --max-tokens 256   # on a GPU
@@ -147,27 +148,43 @@ def load(url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
             "all_full_length": all(r["tokens"] == max_tokens for r in results)}
 
 
-def measure(name: str, cmd: list[str], model: str, concurrency: list[int], prompts: list[str], max_tokens: int) -> dict:
-    """Start one server, warm it up, run each concurrency, stop it."""
+def start_server(cmd: list[str]) -> tuple[str, subprocess.Popen]:
+    """Start a server on a free port; (base URL, process) once it answers."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return url, proc
+
+
+def measure(targets: list[tuple[str, str, str]], concurrency: list[int], prompts: list[str], max_tokens: int,
+            rounds: int) -> list[dict]:
+    """Each (name, url, model) at each concurrency, interleaved round by round; the median round of each.
+
+    Interleaving spreads any drift in the machine's load over every server alike.
+    """
+    for _, url, model in targets:
         load(url, model, prompts[:2], 8)  # warm-up: compile paths, caches
+    samples = {(name, n): [] for name, _, _ in targets for n in concurrency}
+    for r in range(rounds):
+        for n in concurrency:
+            for name, url, model in targets:
+                row = load(url, model, prompts[:n], max_tokens)
+                samples[name, n].append(row)
+                print(f"round {r + 1}: {name:24s} {n:3d} streams: {row['tokens_per_s']:9.1f} tok/s, "
+                      f"TTFT median {row['ttft_median_s']:.3f} s", file=sys.stderr, flush=True)
+    runs = []
+    for name, _, _ in targets:
         rows = []
         for n in concurrency:
-            row = load(url, model, prompts[:n], max_tokens)
-            print(f"{name:32s} {n:3d} streams: {row['tokens_per_s']:9.1f} tok/s, TTFT median {row['ttft_median_s']:.3f} s",
-                  file=sys.stderr, flush=True)
-            rows.append(row)
-        return {"server": name, "rows": rows}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            ordered = sorted(samples[name, n], key=lambda row: row["tokens_per_s"])
+            rows.append({**ordered[len(ordered) // 2], "rounds_tokens_per_s": [row["tokens_per_s"] for row in samples[name, n]]})
+        runs.append({"server": name, "rows": rows})
+    return runs
 
 
 def main(argv=None) -> dict:
@@ -182,10 +199,14 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", default="all", help="adapter layers")
     p.add_argument("--positions", default="f7+l7", help="adapter positions")
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row is the median round")
     p.add_argument("--skip-mlx-lm", action="store_true", help="only loreft serve")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
 
+    from loreft.backend import setup
+
+    setup()  # the project's backend settings, before mlx.core loads
     import mlx.core as mx
 
     on_gpu = mx.default_device() == mx.gpu
@@ -198,12 +219,26 @@ def main(argv=None) -> dict:
         adapter = build_adapter(model_dir, Path(tmp) / "adapter", args.layers, args.positions, args.rank)
         ours = [sys.executable, "-m", "loreft.cli", "serve", "--model", str(model_dir), "--adapter", f"bench={adapter}",
                 "--dtype", dtype, "--max-batch", str(max(32, max(concurrency)))]
-        runs = [measure("loreft serve + adapter", ours, "bench", concurrency, prompts, args.max_tokens),
-                measure("loreft serve, base", ours, str(model_dir), concurrency, prompts, args.max_tokens)]
-        if not args.skip_mlx_lm:
-            theirs = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir),
-                      "--decode-concurrency", str(max(32, max(concurrency)))]
-            runs.append(measure("mlx_lm.server, base", theirs, str(model_dir), concurrency, prompts, args.max_tokens))
+        theirs = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir),
+                  "--decode-concurrency", str(max(32, max(concurrency)))]
+        servers = []
+        try:
+            url, proc = start_server(ours)
+            servers.append(proc)
+            targets = [("loreft serve + adapter", url, "bench"), ("loreft serve, base", url, str(model_dir))]
+            if not args.skip_mlx_lm:
+                url, proc = start_server(theirs)
+                servers.append(proc)
+                targets.append(("mlx_lm.server, base", url, str(model_dir)))
+            runs = measure(targets, concurrency, prompts, args.max_tokens, args.rounds)
+        finally:
+            for proc in servers:
+                proc.terminate()
+            for proc in servers:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
     reference = {r["streams"]: r["tokens_per_s"] for r in runs[-1]["rows"]}
     ratio = {str(r["streams"]): round(r["tokens_per_s"] / reference[r["streams"]], 3) for r in runs[0]["rows"]}
