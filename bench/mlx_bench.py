@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-def _enable_fast_blas() -> str | None:
-    """loreft.blas.enable_fast_blas(), loaded by path: importing the loreft package would load mlx.core first."""
-    import importlib.util
-    from pathlib import Path
+if __name__ == "__main__":  # a worker process: set the backend up before mlx.core loads
+    from loreft.backend import setup
 
-    path = Path(__file__).resolve().parents[1] / "loreft" / "blas.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("_loreft_blas_for_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.enable_fast_blas()
-
-
-FAST_BLAS = _enable_fast_blas() if __name__ == "__main__" else None  # honours LOREFT_NO_FAST_BLAS=1
+    FAST_BLAS = setup()["fast_blas"]  # honours LOREFT_NO_FAST_BLAS=1
+else:
+    FAST_BLAS = None
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -39,7 +39,9 @@ def main() -> None:
                         "made every step; reuse: made once (no upload at all)")
     a = p.parse_args()
 
-    import loreft  # noqa: F401  (first: the fast BLAS on a Linux CPU)
+    from loreft.backend import setup
+
+    setup()  # first: the fast BLAS on a Linux CPU, the CUDA graph size on a GPU
     import mlx.core as mx
     import numpy as np
 

@@ -1,4 +1,4 @@
-"""MLX CUDA backend settings that let the host queue a training step further ahead of the GPU."""
+"""MLX CUDA backend settings that let the host queue a training step further ahead of the GPU (applied by backend.setup)."""
 
 from __future__ import annotations
 
