@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -212,7 +213,8 @@ def main(argv=None) -> dict:
     on_gpu = mx.default_device() == mx.gpu
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     concurrency = [int(n) for n in args.concurrency.split(",")]
-    prompts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(args.prompt_words)) for i in range(max(concurrency))]
+    # a different word order per prompt: no two share a prefix for a server's prompt cache to reuse
+    prompts = [" ".join(random.Random(i).choices(WORDS, k=args.prompt_words)) for i in range(max(concurrency))]
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_model(Path(tmp) / "model", args.shape, dtype)

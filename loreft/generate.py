@@ -317,6 +317,7 @@ class ContinuousBatcher:
         self._decoding: GenerationBatch | None = None
         self._uids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
         self.steps = 0  # decode steps run
         self.peak = 0  # most requests decoded together so far
 
@@ -349,10 +350,10 @@ class ContinuousBatcher:
         return self
 
     def close(self) -> None:
-        """Stop the thread after the current step; unfinished requests are dropped."""
+        """Stop generating after the current step; unfinished requests are dropped."""
         if self._thread is not None:
             self._inbox.put(("close", None))
-            self._thread.join()
+            self._closed.wait()
             self._thread = None
 
     # -- the batcher's thread
@@ -370,6 +371,10 @@ class ContinuousBatcher:
                         self._fail_all(e)
         finally:
             self.model.train(model_was_training)
+            self._closed.set()
+        # Park rather than end: MLX aborts the process at exit when a thread that ran work on its own
+        # stream has ended. The thread is a daemon, so it never holds the process open.
+        threading.Event().wait()
 
     def _read_inbox(self, block: bool) -> bool:
         """Apply every queued message (waiting for one if block); False once closed."""

@@ -68,6 +68,7 @@ class Served:
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, default_temperature: float = 0.0):
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
         self.context_length = context_length or model_context_length(model)
+        self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or len(tokenizer)
         self.default_max_tokens, self.default_temperature = default_max_tokens, default_temperature
         self.adapters: dict[str, Adapter] = {}
         self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch)
@@ -321,10 +322,11 @@ async def generate_text(served: Served, job: Job):
     uid = served.batcher.submit(Request(job.ids, reft, job.max_tokens, sampler, emit))
     detokenizer = served.tokenizer.detokenizer  # a fresh one per request
     stop_text = StopText(job.stops)
-    count, done = 0, False
+    count, done, released = 0, False, False
     try:
         while not done:
             token, finish_reason = await tokens.get()
+            released = finish_reason is not None  # the batcher has let this request go
             if token is not None:
                 detokenizer.add_token(token)
                 count += 1
@@ -339,8 +341,8 @@ async def generate_text(served: Served, job: Job):
             if piece or done:
                 yield piece, finish_reason, count
     finally:
-        if not done:
-            served.batcher.cancel(uid)  # a client that went away frees its slot
+        if not released:
+            served.batcher.cancel(uid)  # a stop string, or a client that went away: free the slot
 
 
 def _usage(job: Job, count: int) -> dict:
@@ -368,11 +370,14 @@ async def complete(served: Served, job: Job, chat: bool, name: str, request: Htt
             count = 0
             if chat:
                 yield _sse({**head, "choices": [choice("", None, first=True)]})
-            async for piece, finish_reason, count in generate_text(served, job):
-                if piece:
-                    yield _sse({**head, "choices": [choice(piece, None)]})
-                if finish_reason is not None:
-                    yield _sse({**head, "choices": [choice("", finish_reason)]})
+            try:
+                async for piece, finish_reason, count in generate_text(served, job):
+                    if piece:
+                        yield _sse({**head, "choices": [choice(piece, None)]})
+                    if finish_reason is not None:
+                        yield _sse({**head, "choices": [choice("", finish_reason)]})
+            except ApiError as e:  # the status line is sent already: say it in the stream
+                yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
             if job.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(job, count)})
             yield "data: [DONE]\n\n"
@@ -468,7 +473,11 @@ def build_app(served: Served, api_key: str | None = None) -> Starlette:
 
         def ids_of(adapter):
             prompt = completion_prompt(body)
-            return encode_prompt(served.tokenizer, prompt) if isinstance(prompt, str) else prompt
+            if isinstance(prompt, str):
+                return encode_prompt(served.tokenizer, prompt)
+            if not all(0 <= t < served.vocab_size for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {served.vocab_size})", "prompt", "invalid_value")
+            return prompt
 
         job = parse_job(served, body, ids_of)
         return await complete(served, job, False, body["model"], request)

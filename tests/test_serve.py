@@ -187,6 +187,30 @@ def test_stop_strings_cut_the_answer(client):
         assert chat(client, "tmpl", PROMPTS[1], max_tokens=24, stream=stream, stop=[stop, "never seen"]) == expected
 
 
+@pytest.fixture(scope="module")
+def long_answer(client):
+    """('chat', 'Hi')'s first 300 tokens: the model does not stop on its own before them."""
+    r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=300,
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    return r.choices[0].message.content
+
+
+def test_a_stop_string_ends_the_generation_too(server, client, long_answer):
+    stop = long_answer[20:23]
+    steps = _health(server)["steps"]
+    assert chat(client, "chat", "Hi", max_tokens=2000, stop=stop) == long_answer[: long_answer.index(stop)]
+    _wait_idle(server)
+    assert _health(server)["steps"] - steps < 300  # not the 2000 asked for
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(server, client):
+    r = _post(server, "/v1/completions", {"model": "tmpl", "prompt": [1, 2, 10**7], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    ok = client.completions.create(model="tmpl", prompt=[1, 2, 3], max_tokens=2, temperature=0)
+    assert ok.usage.prompt_tokens == 3
+
+
 def test_seeded_sampling_repeats_and_differs_from_greedy(client):
     def sample(seed):
         r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=16,
@@ -298,13 +322,18 @@ def _health(server) -> dict:
     return httpx.get(server + "/health").json()
 
 
+def _wait_idle(server, timeout=30):
+    deadline = time.time() + timeout
+    while _health(server)["running"] != 0:
+        assert time.time() < deadline, "a request kept generating"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
-def test_a_client_that_disconnects_frees_its_slot(server, client, stream):
-    """A request that would run 2000 decode steps ends within a few steps of its client going away."""
+def test_a_client_that_disconnects_frees_its_slot(server, long_answer, stream):
+    """A request that would run 2000 decode steps (at least 300) ends within a few steps of its client going away."""
     body = {**GOOD, "max_tokens": 2000, "stream": stream}
     headers = {"Authorization": f"Bearer {KEY}"}
-    r = client.chat.completions.create(model=body["model"], messages=body["messages"], max_tokens=300)
-    assert r.choices[0].finish_reason == "length"  # this answer runs at least 300 tokens
     steps = _health(server)["steps"]
     with httpx.Client(timeout=httpx.Timeout(60, read=2.0)) as c:
         if stream:
@@ -318,10 +347,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, client, stream):
         else:
             with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting after 2 s
                 c.post(server + "/v1/chat/completions", json=body, headers=headers)
-    deadline = time.time() + 30
-    while _health(server)["running"] != 0:
-        assert time.time() < deadline, "the request kept generating after its client left"
-        time.sleep(0.1)
+    _wait_idle(server)
     assert 0 < _health(server)["steps"] - steps < 300  # it ran, and stopped long before the answer could end
 
 
