@@ -281,7 +281,7 @@ def _shared_sampler(temp: float, top_p: float):
 
 @dataclass
 class Request:
-    """One generation request: prompt ids, its adapter (None: the base model), budget, sampler.
+    """One generation request: prompt ids, its adapter (None: the base model), budget, sampling.
 
     emit(token, finish_reason) is called on the batcher's thread for each generated token (token None
     with finish_reason 'stop' at EOS, which is not output; 'length' comes with the last token; 'error'
@@ -291,8 +291,10 @@ class Request:
     ids: list[int]
     reft: Reft | None
     max_tokens: int
-    sampler: Callable
     emit: Callable[[int | None, str | None], None]
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
     uid: int = -1
 
 
@@ -324,7 +326,10 @@ class ContinuousBatcher:
     # -- called from any thread
 
     def submit(self, request: Request) -> int:
-        """Queue a request; returns its uid (for cancel)."""
+        """Queue a request; returns its uid (for cancel). Bad sampling settings raise ConfigError here."""
+        _check_sampling(request.max_tokens, request.temp, request.top_p)
+        if not request.ids:
+            raise ConfigError("prompt", request.ids, "must not be empty: interventions edit prompt tokens")
         request.uid = next(self._uids)
         self._inbox.put(("submit", request))
         return request.uid
@@ -419,7 +424,8 @@ class ContinuousBatcher:
             prompts = [r.ids for r in group]
             locations = reft.locations([len(p) for p in prompts]) if reft is not None else None
             with editing(self.model, reft, locations):
-                new = start_decoding(self.model, reft, [r.uid for r in group], prompts, [r.sampler for r in group],
+                samplers = [request_sampler(r.temp, r.top_p, r.seed) for r in group]  # on this thread: its stream
+                new = start_decoding(self.model, reft, [r.uid for r in group], prompts, samplers,
                                      [r.max_tokens for r in group], self.stop, self.prefill_step_size)
             self._running.update((r.uid, r) for r in group)
             self.peak = max(self.peak, len(self._running))

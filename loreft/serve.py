@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from .config import ConfigError
 from .data import encode_prompt
-from .generate import ContinuousBatcher, Request, format_prompt, request_sampler
+from .generate import ContinuousBatcher, Request, format_prompt
 
 DEFAULT_MAX_TOKENS = 512
 FALLBACK_CONTEXT = 4096  # for models whose config names no context length
@@ -317,9 +317,8 @@ async def generate_text(served: Served, job: Job):
     def emit(token, finish_reason):  # on the batcher's thread
         loop.call_soon_threadsafe(tokens.put_nowait, (token, finish_reason))
 
-    sampler = request_sampler(job.temperature, job.top_p, job.seed)
     reft = job.adapter.reft if job.adapter is not None else None
-    uid = served.batcher.submit(Request(job.ids, reft, job.max_tokens, sampler, emit))
+    uid = served.batcher.submit(Request(job.ids, reft, job.max_tokens, emit, job.temperature, job.top_p, job.seed))
     detokenizer = served.tokenizer.detokenizer  # a fresh one per request
     stop_text = StopText(job.stops)
     count, done, released = 0, False, False

@@ -471,3 +471,46 @@ def test_chat_task_yaml_is_a_task_the_app_accepts():
 
     pattern = entry["url_patterns"][0]
     assert re.search(pattern["regex"], "* Running on local URL:  http://0.0.0.0:7860").group(pattern["group"]) == "http://0.0.0.0:7860"
+
+
+def test_continuous_batcher_rows_joining_mid_decode_match_one_at_a_time(tiny_model_dir, adapters):
+    """Requests for two adapters and the base model, some joining while others decode, in a batch of at most 4:
+    each gets exactly the tokens it gets alone (generate.stream_responses)."""
+    from loreft.adapter import load_adapter
+    from loreft.data import encode_prompt
+    from loreft.generate import ContinuousBatcher, Request, stream_responses
+    from loreft.job import load_model
+
+    model, tok = load_model(str(tiny_model_dir), "float32")
+    refts = [None, load_adapter(model, adapters["chat"]), load_adapter(model, adapters["tmpl"])]
+    jobs = [(refts[i % 3], encode_prompt(tok, PROMPTS[i % len(PROMPTS)] + " x" * i), 6 + 3 * i) for i in range(9)]
+    alone = [[r.token for r in stream_responses(model, tok, ids, reft, max_tokens=n) if r.finish_reason != "stop"]
+             for reft, ids, n in jobs]
+
+    out = [[] for _ in jobs]
+    finished = [threading.Event() for _ in jobs]
+
+    def emitter(i):
+        def emit(token, finish_reason):
+            if token is not None:
+                out[i].append(token)
+            if finish_reason is not None:
+                finished[i].set()
+        return emit
+
+    batcher = ContinuousBatcher(model, tok, max_batch=4, prefill_batch=2).start()
+    try:
+        for i in range(3):
+            batcher.submit(Request(jobs[i][1], jobs[i][0], jobs[i][2], emitter(i)))
+        deadline = time.time() + 60
+        while batcher.steps < 3:  # the first ones are decoding when the rest arrive
+            assert time.time() < deadline
+            time.sleep(0.001)
+        for i in range(3, len(jobs)):
+            batcher.submit(Request(jobs[i][1], jobs[i][0], jobs[i][2], emitter(i)))
+        for event in finished:
+            assert event.wait(60)
+    finally:
+        batcher.close()
+    assert out == alone
+    assert 1 < batcher.peak <= 4
