@@ -221,8 +221,10 @@ def main(argv=None) -> dict:
         adapter = build_adapter(model_dir, Path(tmp) / "adapter", args.layers, args.positions, args.rank)
         ours = [sys.executable, "-m", "loreft.cli", "serve", "--model", str(model_dir), "--adapter", f"bench={adapter}",
                 "--dtype", dtype, "--max-batch", str(max(32, max(concurrency)))]
-        theirs = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir),
-                  "--decode-concurrency", str(max(32, max(concurrency)))]
+        # mlx_lm.server gets the same loreft.backend.setup() as loreft serve (fast BLAS on Linux CPUs, the
+        # CUDA graph size), so the two differ only in how they serve
+        theirs = [sys.executable, "-c", "import loreft.backend; loreft.backend.setup(); import mlx_lm.server as s; s.main()",
+                  "--model", str(model_dir), "--decode-concurrency", str(max(32, max(concurrency)))]
         servers = []
         try:
             url, proc = start_server(ours)
