@@ -193,13 +193,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve import Served, adapter_name, serve
     except ImportError as e:
-        raise ConfigError("serve", e.name, "the server needs the serve extra: pip install 'mlx-loreft[serve]'") from None
+        print(f"{PROG}: error: loreft serve needs {e.name}: pip install 'mlx-loreft[serve]'", file=sys.stderr)
+        return 2
     specs = [adapter_name(spec) for spec in args.adapter or []]
     names = [name for name, _ in specs]
-    try:
-        metas = [read_adapter_config(path) for _, path in specs]  # every adapter is checked before the model loads
-    except ValueError as e:
-        raise ConfigError("adapter", str(e).split()[0], str(e)) from None
+    metas = []
+    for _, path in specs:  # every adapter is checked before the model loads
+        try:
+            metas.append(read_adapter_config(path))
+        except ValueError as e:
+            raise ConfigError("adapter", path, str(e)) from None
     if len(set(names)) != len(names):
         raise ConfigError("adapter", names, "two adapters have the same name; name them with NAME=PATH")
     model_name = args.model or (metas[0].get("base_model") if metas else None)
@@ -207,8 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("model", model_name, "pass --model (or an adapter that records its base model)")
     if model_name in names:
         raise ConfigError("adapter", model_name, "an adapter may not have the base model's name")
-    for option, low in (("port", 0), ("max_batch", 1), ("max_tokens", 1), ("temp", 0)):
-        if getattr(args, option) < low:
+    for option, low in (("port", 0), ("max_batch", 1), ("max_tokens", 1), ("temp", 0), ("context_length", 2)):
+        if getattr(args, option) is not None and getattr(args, option) < low:
             raise ConfigError(option, getattr(args, option), f"must be at least {low}")
 
     import mlx.core as mx
