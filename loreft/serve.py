@@ -384,11 +384,11 @@ async def complete(served: Served, job: Job, chat: bool, name: str, request: Htt
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    pieces, ending = [], {"finish_reason": None, "count": 0}
-
     async def collect():
-        async for piece, ending["finish_reason"], ending["count"] in generate_text(served, job):
+        pieces, finish_reason, count = [], None, 0
+        async for piece, finish_reason, count in generate_text(served, job):
             pieces.append(piece)
+        return "".join(pieces), finish_reason, count
 
     collecting = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -400,9 +400,7 @@ async def complete(served: Served, job: Job, chat: bool, name: str, request: Htt
     await asyncio.gather(collecting, return_exceptions=True)
     if collecting.cancelled():
         return JSONResponse({}, status_code=499)  # nobody is listening
-    collecting.result()  # raises ApiError if generation failed
-    finish_reason, count = ending["finish_reason"], ending["count"]
-    text = "".join(pieces)
+    text, finish_reason, count = collecting.result()  # raises ApiError if generation failed
     head["object"] = "chat.completion" if chat else "text_completion"
     if chat:
         body = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,

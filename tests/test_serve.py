@@ -189,8 +189,8 @@ def test_stop_strings_cut_the_answer(client):
 
 @pytest.fixture(scope="module")
 def long_answer(client):
-    """('chat', 'Hi')'s first 300 tokens: the model does not stop on its own before them."""
-    r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=300,
+    """('chat', 'Hi')'s first 1000 tokens: the model does not stop on its own before them."""
+    r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=1000,
                                        temperature=0)
     assert r.choices[0].finish_reason == "length"
     return r.choices[0].message.content
@@ -201,7 +201,7 @@ def test_a_stop_string_ends_the_generation_too(server, client, long_answer):
     steps = _health(server)["steps"]
     assert chat(client, "chat", "Hi", max_tokens=2000, stop=stop) == long_answer[: long_answer.index(stop)]
     _wait_idle(server)
-    assert _health(server)["steps"] - steps < 300  # not the 2000 asked for
+    assert _health(server)["steps"] - steps < 1000  # not the 2000 asked for
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(server, client):
@@ -331,11 +331,11 @@ def _wait_idle(server, timeout=30):
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
 def test_a_client_that_disconnects_frees_its_slot(server, long_answer, stream):
-    """A request that would run 2000 decode steps (at least 300) ends within a few steps of its client going away."""
+    """A request that would run 2000 decode steps (at least 1000) ends soon after its client goes away."""
     body = {**GOOD, "max_tokens": 2000, "stream": stream}
     headers = {"Authorization": f"Bearer {KEY}"}
     steps = _health(server)["steps"]
-    with httpx.Client(timeout=httpx.Timeout(60, read=2.0)) as c:
+    with httpx.Client(timeout=httpx.Timeout(60, read=1.0)) as c:
         if stream:
             with c.stream("POST", server + "/v1/chat/completions", json=body, headers=headers) as r:
                 lines = r.iter_lines()  # held: dropping the iterator would close the connection
@@ -345,10 +345,10 @@ def test_a_client_that_disconnects_frees_its_slot(server, long_answer, stream):
                     assert time.time() < deadline
                     time.sleep(0.05)
         else:
-            with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting after 2 s
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting after 1 s
                 c.post(server + "/v1/chat/completions", json=body, headers=headers)
     _wait_idle(server)
-    assert 0 < _health(server)["steps"] - steps < 300  # it ran, and stopped long before the answer could end
+    assert 0 < _health(server)["steps"] - steps < 1000  # it ran, and stopped long before the answer could end
 
 
 def test_load_an_adapter_at_run_time(server, client, adapters, tiny_model_dir, tmp_path):
