@@ -1,9 +1,9 @@
 """Fast float32 matmul for MLX on Linux CPUs: load Intel MKL's BLAS before mlx.core is imported (backend.setup).
 
-The mlx-cpu wheel links netlib's reference BLAS (about 6 GFLOP/s for a float32 matmul). libmlx
+The mlx-cpu wheel links netlib's reference BLAS, which is slow (BENCHMARKS.md has the figures). libmlx
 looks cblas_sgemm up in the process's global symbol scope when it is loaded, so a library that
 exports the same unprefixed CBLAS/LAPACK names and was loaded earlier with RTLD_GLOBAL wins: the
-matmul then runs at about 200 GFLOP/s on two cores, with no rebuild of MLX. The library comes
+matmul then runs at MKL's speed, with no rebuild of MLX. The library comes
 from the `mkl` wheel (libmkl_rt), the one PyPI package found that exports unprefixed names and
 loads on a bare Linux machine (OpenBLAS wheels either prefix their names or need the system's
 libgfortran). Set LOREFT_NO_FAST_BLAS=1 to keep MLX's own BLAS.

@@ -103,12 +103,19 @@ def print_summary(summary: dict) -> None:
     state = "stopped early" if summary.get("stopped") else "done"
     print(f"Training {state}: step {summary['steps']}/{summary['total_steps']}, "
           f"{summary['train_time_s']:.1f}s, train loss {_fmt(summary.get('train_loss'))}")
+    if summary.get("stop_reason"):
+        print(summary["stop_reason"])
     for split in ("valid", "test"):
         m = summary.get(split)
         if m:
             print(f"{split}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
     print(ParameterStats(summary["trainable"], summary["total_parameters"]))
-    print(f"Adapter saved to {summary['adapter']}")
+    best = summary.get("best")
+    if best and summary.get("adapter_step") != summary["steps"]:
+        print(f"Adapter saved to {summary['adapter']}: the best by {best['metric']} ({best['value']:.4f}), from step "
+              f"{best['step']}; the last state is under its checkpoints folder")
+    else:
+        print(f"Adapter saved to {summary['adapter']}")
 
 
 def _fmt(x) -> str:
