@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ def wait_until_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> 
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the app stops a job with SIGTERM: stop the server too
     port = int(os.environ.get("LOREFT_PORT", "8001"))
     try:
         ref = os.environ.get("ADAPTER", "").strip()
