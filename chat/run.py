@@ -102,9 +102,12 @@ def main() -> int:
         client = OpenAI(base_url=url + "/v1", api_key="local")
         models = [m.id for m in client.models.list().data]
         page = build_page(client, models, default=models[-1])
-        page.queue().launch(server_name=os.environ.get("GRADIO_HOST", "0.0.0.0"),
+        page.queue().launch(server_name=os.environ.get("GRADIO_HOST", "0.0.0.0"), prevent_thread_lock=True,
                             server_port=int(os.environ.get("GRADIO_PORT", "7860")))  # prints "Running on local URL"
-        return 0
+        while server.poll() is None:  # until the job is stopped (SIGTERM) or the server ends
+            time.sleep(1)
+        print(f"chat task: loreft serve exited with code {server.returncode}", file=sys.stderr)
+        return 1
     except ChatTaskError as e:
         print(f"chat task: error: {e}", file=sys.stderr)
         return 1
