@@ -234,7 +234,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("adapter", path, str(e)) from None
     print(f"Serving {model_name}" + (f" with adapters {', '.join(names)}" if names else "")
           + f" at http://{args.host}:{args.port}/v1", flush=True)
-    serve(served, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LOREFT_API_KEY"))
+    api_key = args.api_key or os.environ.get("LOREFT_API_KEY")
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"{PROG}: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    serve(served, host=args.host, port=args.port, api_key=api_key)
     return 0
 
 
