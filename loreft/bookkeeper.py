@@ -21,6 +21,17 @@ from .model import Reft
 from .reporting import TENSORBOARD_DIR, Callback, write_metrics
 
 
+def release_cached_memory() -> None:
+    """Give the device the free buffers MLX keeps for reuse, at the boundaries of a run's phases.
+
+    MLX keeps every freed buffer for the next allocation of its size: within training that is what makes steps
+    fast, but across phases (evaluation, saving, the end) one phase's buffers would stay reserved on top of the
+    next one's, and the process holds them until it exits (which is what nvidia-smi shows). Clearing at phase
+    boundaries costs one re-allocation of the step's buffers per evaluation or save, not one per step.
+    """
+    mx.clear_cache()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
@@ -164,6 +175,7 @@ class Bookkeeper:
             write_metrics(rows, tmp / "metrics.jsonl")
 
         path = self.adapter_dir
+        release_cached_memory()
         if self.is_main:
             keep = (TENSORBOARD_DIR,) if self.stale_checkpoints else (CHECKPOINTS, TENSORBOARD_DIR)
             path = save_adapter(self.reft, path, write_extras=extras, keep=keep, **self.adapter_kw)
@@ -176,10 +188,12 @@ class Bookkeeper:
 
     def evaluate(self, step: int, split: str, examples: Sequence[Example]) -> dict:
         """Loss and perplexity on a split (exact match too on test, where test_metrics_fn is given)."""
+        release_cached_memory()  # the training step's buffers are not needed while evaluating, nor eval's after
         metrics = evaluate_loss(self.reft.model, examples, self.cfg.batch_size, reft=self.reft, pad_id=self.pad_id,
                                 max_batches=self.cfg.max_eval_batches if split == "valid" else 0, group=self.group)
         if split == "test" and self.test_metrics_fn is not None:
             metrics.update(self.test_metrics_fn(examples))
+        release_cached_memory()
         row = {"kind": "eval", "split": split, "step": step, **metrics}
         self.history.append(row)
         for cb in self.callbacks:
@@ -191,6 +205,7 @@ class Bookkeeper:
         self.check_finite(done)  # this step's update may have gone bad: never save it
         folder = checkpoint_folder(self.adapter_dir, done)
         if self.is_main:
+            release_cached_memory()
             if self.stale_checkpoints:
                 shutil.rmtree(self.stale_checkpoints)  # this run's first checkpoint: the folder is this run's from now on
             save_checkpoint(self.reft, self.optimizer, folder, done, self.trainer_state(), self.best_weights, **self.adapter_kw)
@@ -221,7 +236,8 @@ class Bookkeeper:
             "kind": "train", "step": done, "epoch": step // self.steps_per_epoch,
             "loss": since["loss"] / max(since["targets"], 1),
             "learning_rate": lr.item(),
-            "tokens_per_sec": since["tokens"] / max(since["time"], 1e-9),
+            "tokens_per_sec": since["tokens"] / max(since["time"], 1e-9),  # every token of the rows, prompts too
+            "supervised_tokens_per_sec": since["targets"] / max(since["time"], 1e-9),  # the tokens the loss is on
             "trained_tokens": self.trained_tokens_before + self.seen_tokens,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "eta_s": (self.total_steps - done) * self.train_time / self.steps_done,

@@ -200,6 +200,7 @@ class TrainConfig:
     best_metric: str = "eval_loss"  # the saved adapter is the best by this; "last": the last one
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: off)
     early_stopping_min_delta: float = 0.0  # the smallest change that counts as an improvement
+    grad_checkpoint: bool = False  # recompute each intervened block's activations in the backward pass
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError on the first bad one."""
@@ -213,6 +214,8 @@ class TrainConfig:
         if self.early_stopping_patience and self.best_metric == "last":
             raise ConfigError("best_metric", self.best_metric, "early stopping needs a metric to watch: choose "
                               "eval_loss, eval_perplexity or test_exact_match")
+        if not isinstance(self.grad_checkpoint, bool):
+            raise ConfigError("grad_checkpoint", self.grad_checkpoint, "must be true or false")
         if self.save_every % self.grad_accumulation_steps:
             # a checkpoint holds no half-accumulated gradient, so it is taken between optimizer updates
             raise ConfigError("save_every", self.save_every, f"must be a multiple of grad_accumulation_steps="

@@ -72,6 +72,7 @@ PARAMETERS: list[Param] = [
     Param("max_eval_batches", int, TRAIN_DEFAULTS.max_eval_batches, "Cap on validation batches (0: the whole split).", group="train"),
     Param("valid_fraction", float, TRAIN_DEFAULTS.valid_fraction, "Share of train held out when the data has no validation split.", group="train"),
     Param("seed", int, TRAIN_DEFAULTS.seed, "Seed for initialization, shuffling, splits and dropout.", group="train"),
+    Param("grad_checkpoint", bool, TRAIN_DEFAULTS.grad_checkpoint, "Recompute the blocks' activations in the backward pass instead of keeping them: less memory for long sequences, slower steps.", group="train"),
     Param("dtype", str, TRAIN_DEFAULTS.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
     Param("best_metric", str, TRAIN_DEFAULTS.best_metric, "The adapter saved is the best one by this evaluation (test_exact_match: greedy generation on the test split at every evaluation); the last one is kept as a checkpoint. 'last': save the last one.", enum=BEST_METRICS, group="train"),
     Param("early_stopping_patience", int, TRAIN_DEFAULTS.early_stopping_patience, "Stop after this many evaluations without improvement of best_metric (0: off); the best adapter is saved.", group="train"),
@@ -90,8 +91,10 @@ TITLES = {
     "resume": "Resume From Checkpoint", "preset": "Paper Preset", "best_metric": "Keep the Best Adapter By",
     "early_stopping_min_delta": "Early Stopping Min Delta", "report_to": "Report To",
 }
-# task.yaml's defaults where they differ from PARAMETERS': a first run of minutes, not hours.
-TASK_OVERRIDES = {"iters": 300, "steps_per_eval": 100, "max_eval_batches": 8}
+# TransformerLab's defaults where they differ from PARAMETERS': checkpoints on (the app's Resume starts
+# from them), and in task.yaml a first run of minutes, not hours.
+APP_OVERRIDES = {"save_every": 100}
+TASK_OVERRIDES = {**APP_OVERRIDES, "iters": 300, "steps_per_eval": 100, "max_eval_batches": 8}
 
 
 def coerce(param: Param, value: Any) -> Any:

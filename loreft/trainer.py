@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .bookkeeper import Bookkeeper, NonFiniteLossError
+from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
@@ -167,6 +167,7 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
     model = reft.model
     split = split_at_head(model) if options.sparse_logits else None
     interventions = list(reft.interventions().values())
+    reft.recompute_blocks(cfg.grad_checkpoint)
     rotations = batched_rotations if options.batched_rotations else (lambda _: contextlib.nullcontext())
 
     def loss(model, tokens, mask, locs, supervised=None):
@@ -285,8 +286,6 @@ def train(
     if book.evaluates and not stopped:
         valid_metrics = book.validate(final_step) if book.last_eval_step != final_step else _last_valid(book.history)
     path = book.save_final(final_step, args_record)
-    if is_main and options.plot is not None:
-        _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     adapter_step = book.best["step"] if book.best and book.best_weights is not None else final_step
     if adapter_step != final_step and not stopped:  # the summary describes the adapter saved
         valid_metrics = _last_valid([r for r in book.history if r["step"] == adapter_step]) or valid_metrics
@@ -301,8 +300,13 @@ def train(
         "valid": valid_metrics, "test": test_metrics, "trainable": stats.trainable,
         "total_parameters": stats.total, "train_time_s": book.train_time,
     }
+    release_cached_memory()  # the run is over: what nvidia-smi shows drops to the weights and the adapter
     for cb in book.callbacks:
         cb.on_end(summary)
+    # optional files last: after a stop, on_end publishes the adapter (TransformerLab's task) before the
+    # app's SIGKILL, 3 s after its SIGTERM; drawing the plot first took seconds
+    if is_main and options.plot is not None:
+        _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     return summary
 
 
