@@ -3,7 +3,8 @@
     loreft train --model M --data D [--config job.yaml] [--rank 8 ...]   every PARAMETERS entry is a flag
     loreft generate --adapter A --prompt "..."                            the adapter's base model by default
     loreft eval --adapter A --data D                                      loss, perplexity, exact match
-    loreft demo                                                           the embedded tiny model, end to end
+    loreft demo [--tiny]                                                  SmolLM2 (or the tiny random model), end to end
+    loreft convert MODEL.gguf OUT_DIR                                     a GGUF file as an mlx-lm model folder
 
 Configuration errors are reported on one line, naming the parameter, with exit code 2, before any model loads.
 """
@@ -112,14 +113,14 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str):
+def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str, dequantize: str = "auto"):
     """(model, tokenizer, reft, metadata of the first adapter): the base model is the adapter's own unless given.
 
     Several adapters load onto the one base model and edit together (a ReftStack).
     """
     from .adapter import load_adapter, read_adapter_config
-    from .job import load_model
     from .model import ReftStack
+    from .models import check_model, load_model
 
     paths = [adapters] if isinstance(adapters, str) else list(adapters)
     meta = read_adapter_config(paths[0])
@@ -128,7 +129,8 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str)
     name = model or meta.get("base_model")
     if not name:
         raise ConfigError("model", name, "the adapter does not record its base model; pass --model")
-    base, tokenizer = load_model(name, dtype)
+    check_model(name)
+    base, tokenizer = load_model(name, dtype, dequantize)
     refts = [load_adapter(base, p) for p in paths]
     return base, tokenizer, refts[0] if len(refts) == 1 else ReftStack(refts), meta
 
@@ -137,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Stream a completion for each prompt, formatted as the adapter's training prompts were."""
     from .generate import format_prompt, stream_generate
 
-    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
+    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype, args.dequantize)
     formatting = None if args.raw else meta.get("formatting")
     options = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p, "seed": args.seed}
     for text in args.prompt:
@@ -157,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import Formatter, load_splits
     from .evaluate import evaluate, write_eval
 
-    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
+    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype, args.dequantize)
     splits = load_splits(args.data, valid_fraction=0.0)
     name = args.split if args.split != "auto" else next(s for s in ("test", "valid", "train") if s in splits)
     if name not in splits:
@@ -183,10 +185,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default, end to end (see loreft.demo.run_demo)."""
-    from .demo import run_demo
+    """The persona demo on SmolLM2, or with --tiny on the embedded random model (see loreft.demo)."""
+    from .demo import run_demo, run_tiny_demo
 
-    run_demo(out_dir=args.out, cache_dir=args.cache_dir, epochs=args.epochs)
+    run = run_tiny_demo if args.tiny else run_demo
+    run(out_dir=args.out, cache_dir=args.cache_dir, epochs=args.epochs)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write an mlx-lm model folder for a GGUF file."""
+    from .gguf import convert
+
+    out = convert(args.gguf, args.out_dir)
+    print(f"Wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
     return 0
 
 
@@ -197,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of the `loreft` command."""
     parser = argparse.ArgumentParser(prog=PROG, description="Representation finetuning (LoReFT) for mlx-lm models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,demo,convert}")
 
     train = sub.add_parser("train", help="train a ReFT adapter",
                            description="Train a ReFT adapter. Every parameter is a flag; --config reads them from "
@@ -214,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", required=True, help="adapter folder (written by loreft train)")
         p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
         p.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
+        p.add_argument("--dequantize", default="auto", choices=PARAMS_BY_NAME["dequantize"].enum,
+                       help=_flag_help(PARAMS_BY_NAME["dequantize"]))
 
     gen = sub.add_parser("generate", help="generate with an adapter")
     adapter_args(gen, several=True)
@@ -238,12 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", action="store_true", help="also evaluate the base model without the adapter")
     ev.set_defaults(func=cmd_eval)
 
-    demo = sub.add_parser("demo", help="train on the embedded tiny model and show generations before and after")
+    demo = sub.add_parser("demo", help="teach SmolLM2 to answer in emoji; base vs adapter answers to new prompts")
+    demo.add_argument("--tiny", action="store_true", help="the embedded tiny random model instead (no package needed)")
     demo.add_argument("--out", default=None, help="adapter folder (default: runs/demo)")
     demo.add_argument("--cache-dir", default=None, help="where the demo model is cached (default: $LOREFT_CACHE "
                                                         "or ~/.cache/mlx-loreft)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
     demo.set_defaults(func=cmd_demo)
+
+    conv = sub.add_parser("convert", help="write an mlx-lm model folder for a GGUF file (llama family)",
+                          description="Convert a GGUF file (llama architecture; F32, F16, Q8_0, Q4_0 or Q4_1 "
+                                      "tensors) into an mlx-lm model folder, keeping its quantization.")
+    conv.add_argument("gguf", help="the .gguf file")
+    conv.add_argument("out_dir", help="the model folder to write")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -7,13 +7,12 @@ The CLI's flags, the plugin's index.json form, task.yaml and info.md are all der
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import (ACTIVATIONS, DTYPES, INTERVENTIONS, LR_SCHEDULES, PRESETS, TRUNCATION, ConfigError,
                      ReftConfig, TrainConfig)
+from .models import DEQUANTIZE, check_model, load_model, resolve_model  # noqa: F401  (the loader's home is models.py)
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ PARAMETERS: list[Param] = [
     Param("valid_fraction", float, _T.valid_fraction, "Share of train held out when the data has no validation split.", minimum=0.0, maximum=0.9, group="train"),
     Param("seed", int, _T.seed, "Seed for initialization, shuffling, splits and dropout.", minimum=0, group="train"),
     Param("dtype", str, _T.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
+    Param("dequantize", str, "auto", "Quantized base: unpack to dense weights first. 'auto' = on a CPU when the dense weights take at most half the free memory (CPU quantized matmuls are slow); GPUs keep the quantized kernels.", enum=DEQUANTIZE),
 ]
 PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}
 
@@ -111,11 +111,12 @@ class Job:
     formatting: dict = field(default_factory=dict)
     resume: str | None = None
     preset: str = ""
+    dequantize: str = "auto"  # a quantized base: 'auto', 'always' or 'never' unpack it (models.should_dequantize)
 
     def to_params(self) -> dict:
         """The flat parameters this job was made from (after defaults and preset)."""
         flat = {"model": self.model, "data": self.data, "adapter_dir": self.adapter_dir, "preset": self.preset,
-                "resume": self.resume or "", **self.formatting}
+                "resume": self.resume or "", "dequantize": self.dequantize, **self.formatting}
         flat.update({k: v for k, v in self.reft.to_dict().items() if k != "seed"})
         flat.update(self.train.to_dict())
         return flat
@@ -143,6 +144,7 @@ def job_from_params(params: dict, *, strict: bool = True, require_data: bool = T
             raise ConfigError(p.name, v, f"choose one of {', '.join(map(str, p.enum))}")
     if not values["model"]:
         raise ConfigError("model", values["model"], "give a local model folder or a Hugging Face model id")
+    check_model(values["model"])  # a .gguf file is read and checked here, before anything loads
     if require_data and not values["data"]:
         raise ConfigError("data", values["data"], "give a dataset file, folder or Hugging Face dataset id")
     reft = ReftConfig(**{f.name: values[f.name] for f in dataclasses.fields(ReftConfig) if f.name != "seed"},
@@ -150,26 +152,8 @@ def job_from_params(params: dict, *, strict: bool = True, require_data: bool = T
     train = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)}).validate()
     formatting = {k: values[k] or None for k in ("prompt_template", "completion_template", "chat_column")}
     resume = values["resume"] or None
-    return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset)
-
-
-def resolve_model(name: str) -> str:
-    """An existing local folder wins; otherwise the name is a Hugging Face id (found in the local cache)."""
-    path = Path(os.path.expanduser(name))
-    return str(path.resolve()) if path.exists() else name
-
-
-def load_model(name: str, dtype: str = "auto"):
-    """mlx_lm.load the base model and cast its floating weights to the training dtype: (model, tokenizer)."""
-    import mlx.core as mx
-    import mlx_lm
-
-    from .trainer import resolve_dtype
-
-    model, tokenizer = mlx_lm.load(resolve_model(name))
-    target = resolve_dtype(dtype)
-    model.set_dtype(target, lambda x: mx.issubdtype(x, mx.floating))
-    return model, tokenizer
+    return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset,
+               dequantize=values["dequantize"])
 
 
 def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> dict:
@@ -195,7 +179,7 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     if resume == "auto":
         resume = latest_checkpoint(job.adapter_dir)
         log(f"Resuming from {resume}" if resume else "No checkpoint found; starting fresh")
-    model, tokenizer = load_model(job.model, job.train.dtype)
+    model, tokenizer = load_model(job.model, job.train.dtype, job.dequantize, log=log)
     formatter.tokenizer = tokenizer
     formatter.check(columns)  # again, now that the chat template is known
     reft = attach(model, job.reft)  # checks layers and rank against the model before any tokenizing
