@@ -30,7 +30,7 @@ class Param:
 _R, _T = ReftConfig(), TrainConfig()
 
 PARAMETERS: list[Param] = [
-    Param("model", str, None, "Base model: a local mlx-lm model folder or a Hugging Face id already in the local cache."),
+    Param("model", str, None, "Base model: a local mlx-lm model folder, a .gguf file (llama family, converted once into the cache) or a Hugging Face id already in the local cache."),
     Param("data", str, None, "Dataset: a .jsonl/.json/.csv/.parquet file, a folder of splits, or a Hugging Face dataset id."),
     Param("adapter_dir", str, "adapters/loreft", "Folder the adapter is written to (atomically)."),
     Param("preset", str, "", "Paper settings to start from; explicit parameters override them.", enum=("",) + tuple(PRESETS)),

@@ -125,5 +125,7 @@ def load_model(name: str, dtype: str = "auto", dequantize_base: str = "auto", lo
         dequantize(model)
         mx.eval(model.parameters())
         if log:
-            log(f"Unpacked {len(layers)} quantized layers to dense {str(target).rsplit('.', 1)[-1]} ({why}; --dequantize never keeps them quantized)")
+            dtype_name = str(target).rsplit(".", 1)[-1]
+            log(f"Unpacked {len(layers)} quantized layers to dense {dtype_name} ({why}; --dequantize never "
+                "keeps them quantized)")
     return model, tokenizer

@@ -28,7 +28,7 @@ TITLES = {  # where name.title() reads badly
     "grad_accumulation_steps": "Gradient Accumulation Steps", "max_eval_batches": "Max Validation Batches",
     "steps_per_eval": "Steps per Validation", "steps_per_report": "Steps per Report", "save_every": "Checkpoint Every N Steps",
     "share_weights": "Tie First/Last Interventions", "valid_fraction": "Validation Fraction",
-    "resume": "Resume From Checkpoint", "preset": "Paper Preset",
+    "resume": "Resume From Checkpoint", "preset": "Paper Preset", "dequantize": "Unpack a Quantized Base",
 }
 TEXTAREAS = ("prompt_template", "completion_template")
 
