@@ -11,6 +11,9 @@ import sys
 
 def main(argv=None) -> int:
     """Train once, in whichever runtime this process is in; returns the exit code."""
+    from loreft.backend import setup
+
+    setup()  # fast BLAS / CUDA graph size: before anything imports mlx.core
     from loreft.transformerlab import detect_runtime
 
     args = sys.argv[1:] if argv is None else list(argv)

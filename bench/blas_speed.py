@@ -6,8 +6,9 @@ Usage: python bench/blas_speed.py            (alternates both modes ROUNDS=3 tim
 import json, os, subprocess, sys, tempfile, time
 
 def child(model_dir):
-    import loreft  # noqa: F401  (first: loads the fast BLAS unless LOREFT_NO_FAST_BLAS=1)
-    from loreft.blas import enable_fast_blas
+    from loreft.backend import setup
+
+    fast_blas = setup()["fast_blas"]  # first: loads the fast BLAS unless LOREFT_NO_FAST_BLAS=1
     import numpy as np
     import mlx.core as mx
     import mlx.nn as nn
@@ -41,7 +42,7 @@ def child(model_dir):
         losses.append(round(float(loss), 4))
     tps = 6 * batch * seq / (time.perf_counter() - t)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(json.dumps({"fast_blas": enable_fast_blas(), "matmul_gflops": round(gflops, 1),
+    print(json.dumps({"fast_blas": fast_blas, "matmul_gflops": round(gflops, 1),
                       "train_tokens_per_s": round(tps), "params": n_params, "losses": losses}))
 
 def main():

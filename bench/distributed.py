@@ -32,43 +32,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/distributed.py` from anywhere: loreft and bench import
 
 
-def build_model(shape: str, dtype: str, seed: int = 0):
-    """A random-weight mlx-lm model of the named shape."""
-    import importlib
-
-    import mlx.core as mx
-
-    from bench.shapes import SHAPES
-
-    config = SHAPES[shape]
-    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict(config))
-    model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
-    return model
-
-
 def worker(a: argparse.Namespace) -> None:
     """One rank: train a.warmup + a.steps steps; rank 0 writes the measurement to a.result."""
-    import loreft  # noqa: F401  (first: the fast BLAS on a Linux CPU)
+    from loreft.backend import setup
+
+    setup()  # first: the fast BLAS on a Linux CPU, the CUDA graph size on a GPU
     import mlx.core as mx
     import numpy as np
 
-    from bench.shapes import SHAPES, train_flops_per_token
-    from loreft import ReftConfig, TrainConfig, attach, trainer
+    from bench.shapes import SHAPES, build_model, train_flops_per_token
+    from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Example
     from loreft.reporting import Callback
+    from loreft.trainer import LoopOptions, train
 
     try:
         import matplotlib  # noqa: F401  (loss.png beside the adapter; the GPU image may lack it)
+        plot = LoopOptions.plot
     except ImportError:
-        trainer.plot_loss = lambda *args, **kwargs: None
-
-    trainer.QUEUE_AHEAD = a.queue_ahead
-    trainer.STAGE_STEPS = a.stage_steps
-    if not a.stop_vote:  # to measure what the per-step stop vote costs: this run cannot be stopped
-        trainer._vote_to_stop = lambda flag: mx.array(int(flag))
+        plot = None
+    # stop_vote off measures what the per-step stop vote costs: such a run cannot be stopped
+    options = LoopOptions(queue_ahead=a.queue_ahead, stage_steps=a.stage_steps, stop_vote=bool(a.stop_vote), plot=plot)
     world = mx.distributed.init()
     model = build_model(a.shape, a.dtype)
     reft = attach(model, ReftConfig(layers="all", rank=a.rank, positions=a.positions, seed=0))
@@ -93,7 +77,7 @@ def worker(a: argparse.Namespace) -> None:
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as adapter_dir:
-        summary = trainer.train(reft, examples, None, cfg, adapter_dir, callbacks=[clock])
+        summary = train(reft, examples, None, cfg, adapter_dir, callbacks=[clock], group=world, options=options)
     if world.rank() != 0:
         return
     # wall clock over the timed steps (everything the loop does), after the warmup that compiles
@@ -109,7 +93,7 @@ def worker(a: argparse.Namespace) -> None:
         "peak_memory_gb_rank0": max(r["peak_memory_gb"] for r in clock.rows),
         "losses": [r["loss"] for r in clock.rows], "train_time_s": summary["train_time_s"],
         "device": str(mx.default_device()), "device_info": {k: str(v) for k, v in mx.device_info().items()},
-        "mlx": mx.__version__, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),  # loreft sets it on CUDA
+        "mlx": mx.__version__, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),  # loreft.backend.setup() sets it on CUDA
     }
     Path(a.result).write_text(json.dumps(result))
 
@@ -144,8 +128,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="steps before timing; also the report window")
     p.add_argument("--steps", type=int, default=30, help="timed steps (a multiple of --warmup)")
     p.add_argument("--gpus", default="1,2", help="process counts to run, e.g. 1,2,4")
-    p.add_argument("--queue-ahead", type=int, default=1, help="loreft.trainer.QUEUE_AHEAD (0: read each loss before queuing the next step)")
-    p.add_argument("--stage-steps", type=int, default=32, help="loreft.trainer.STAGE_STEPS (steps whose inputs are uploaded together)")
+    p.add_argument("--queue-ahead", type=int, default=1, help="LoopOptions.queue_ahead (0: read each loss before queuing the next step)")
+    p.add_argument("--stage-steps", type=int, default=32, help="LoopOptions.stage_steps (steps whose inputs are uploaded together)")
     p.add_argument("--stop-vote", type=int, default=1, help="0: skip the per-step stop vote of several processes (to measure its cost)")
     p.add_argument("--backend", default="nccl", help="mlx.launch backend for runs on more than one process")
     p.add_argument("--timeout", type=float, default=900)

@@ -1,19 +1,19 @@
 """Speed levers, each switchable off so that one run measures the step with and without it.
 
-Every lever is on in the library. Turning one off swaps in the code path the library had before it
-(kept here verbatim, as the "before" of each measurement) for the duration of a step call.
+Every lever is on in the library. Turning one off uses the plain computation instead, through the
+trainer's LoopOptions (loss, logits, rotations, compile) or Reft.set_apply (how the edit is applied).
 """
 
 from __future__ import annotations
 
-import contextlib
+from functools import partial
 from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 
-import loreft.model as model_module
-import loreft.trainer as trainer_module
+from loreft.loss import completion_loss
+from loreft.trainer import LoopOptions
 
 # name -> what turning it off does; the bench's variants are "ours" with a subset switched off.
 LEVERS = {
@@ -28,7 +28,7 @@ LEVERS = {
 
 
 def plain_cross_entropy(logits, targets):
-    """loreft.trainer's per-token cross-entropy before this work (same value, generic vjp)."""
+    """Per-token cross-entropy through MLX's generic gradient (same value as loreft.loss.token_cross_entropy)."""
     return nn.losses.cross_entropy(logits.astype(mx.float32), targets)
 
 
@@ -71,7 +71,7 @@ def gather_apply_interventions(h, interventions, locations, offset=0):
 
 
 def per_group_apply_interventions(h, interventions, locations, offset=0):
-    """loreft.model.apply_interventions before this work: one gather and one scatter per group."""
+    """One gather and one scatter per intervention group (loreft.model.apply_interventions fuses them)."""
     B, L, _ = h.shape
     rows = mx.arange(B)[:, None]
     if isinstance(offset, mx.array) and offset.ndim == 1:
@@ -87,33 +87,30 @@ def per_group_apply_interventions(h, interventions, locations, offset=0):
     return h
 
 
-@contextlib.contextmanager
-def levers_off(names: Iterable[str]):
-    """Switch the named levers off (except 'compile', which is chosen when the step is built)."""
+def check(names: Iterable[str]) -> set[str]:
+    """The named levers as a set; unknown names are an error."""
     names = set(names)
     unknown = names - set(LEVERS)
     if unknown:
         raise ValueError(f"unknown levers {sorted(unknown)}; known: {sorted(LEVERS)}")
-    saved = []
+    return names
 
-    def swap(module, attr, value):
-        saved.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, value)
 
-    if "gather" in names:
-        swap(model_module, "apply_interventions", masked_apply_interventions)
-    elif "fused_scatter" in names:
-        swap(model_module, "apply_interventions", per_group_apply_interventions)
-    elif "select_matmul" in names:
-        swap(model_module, "apply_interventions", gather_apply_interventions)
-    if "batched_rotations" in names:
-        swap(trainer_module, "batched_rotations", lambda _ivs: contextlib.nullcontext())
-    if "fused_ce" in names:
-        swap(trainer_module, "token_cross_entropy", plain_cross_entropy)
-    if "sparse_logits" in names:
-        swap(trainer_module, "output_head", lambda _model: None)
-    try:
-        yield
-    finally:
-        for module, attr, value in reversed(saved):
-            setattr(module, attr, value)
+def loop_options(off: Iterable[str]) -> LoopOptions:
+    """The trainer's LoopOptions with the named step levers off."""
+    off = check(off)
+    loss = partial(completion_loss, cross_entropy=plain_cross_entropy) if "fused_ce" in off else completion_loss
+    return LoopOptions(loss=loss, sparse_logits="sparse_logits" not in off,
+                       batched_rotations="batched_rotations" not in off, compiled="compile" not in off)
+
+
+def apply_function(off: Iterable[str]):
+    """What Reft.set_apply gets for the named edit levers off (None: the library's apply_interventions)."""
+    off = check(off)
+    if "gather" in off:
+        return masked_apply_interventions
+    if "fused_scatter" in off:
+        return per_group_apply_interventions
+    if "select_matmul" in off:
+        return gather_apply_interventions
+    return None

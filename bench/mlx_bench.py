@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-def _enable_fast_blas() -> str | None:
-    """loreft.blas.enable_fast_blas(), loaded by path: importing the loreft package would load mlx.core first."""
-    import importlib.util
-    from pathlib import Path
+if __name__ == "__main__":  # a worker process: set the backend up before mlx.core loads
+    from loreft.backend import setup
 
-    path = Path(__file__).resolve().parents[1] / "loreft" / "blas.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("_loreft_blas_for_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.enable_fast_blas()
-
-
-FAST_BLAS = _enable_fast_blas() if __name__ == "__main__" else None  # honours LOREFT_NO_FAST_BLAS=1
+    FAST_BLAS = setup()["fast_blas"]  # honours LOREFT_NO_FAST_BLAS=1
+else:
+    FAST_BLAS = None
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,8 +29,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from bench.levers import levers_off
-from bench.shapes import SHAPES, train_flops_per_token
+from bench.levers import apply_function, loop_options
+from bench.shapes import SHAPES, build_model, train_flops_per_token
 
 LR = 1e-4  # any small rate: the step's cost does not depend on it
 
@@ -80,19 +71,6 @@ def nbytes(tree) -> int:
     return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))
 
 
-def build_model(shape: str, dtype: str, seed: int = 0) -> nn.Module:
-    """A random-weight mlx-lm model of the named shape (nothing downloaded)."""
-    from mlx_lm.utils import _get_classes
-
-    config = SHAPES[shape]
-    model_cls, args_cls = _get_classes(config)
-    mx.random.seed(seed)
-    model = model_cls(args_cls.from_dict(config))
-    model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
-    return model
-
-
 def make_tokens(s: Setting) -> np.ndarray:
     vocab = SHAPES[s.shape]["vocab_size"]
     return np.random.default_rng(s.seed).integers(0, vocab, (s.batch, s.seq + 1), dtype=np.int64).astype(np.int32)
@@ -107,10 +85,11 @@ def prompt_length(s: Setting) -> int:
 
 
 def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, rank=None, clear_cache=False) -> Runner:
-    """Our step exactly as loreft.trainer.train builds and calls it, with the named levers switched off."""
+    """Our step exactly as loreft.trainer.train builds and calls it (make_step), with the named levers switched off."""
     from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Batch
-    from loreft.trainer import _make_step, batch_arrays, make_optimizer
+    from loreft.loss import batch_arrays
+    from loreft.trainer import make_optimizer, make_step
 
     model = build_model(s.shape, s.dtype, s.seed)
     if layers == "last":
@@ -127,13 +106,12 @@ def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, r
         batch = Batch(tokens=tokens, prompt_lengths=np.full(B, P, np.int32), lengths=np.full(B, s.seq + 1, np.int32))
         arrays = batch_arrays(reft, batch)
     model.train()
-    with levers_off(off):
-        step_fn, state = _make_step(reft, optimizer, cfg, compiled="compile" not in off)
+    reft.set_apply(apply_function(off))
+    step_fn, state = make_step(reft, optimizer, cfg, options=loop_options(off))
 
     def step():
-        with levers_off(off):
-            loss, *counts, _ = step_fn(*arrays, None, True)
-            mx.eval(state, loss, counts)
+        loss, *counts, _ = step_fn(*arrays, None, True)
+        mx.eval(state, loss, counts)
         if clear_cache:
             mx.clear_cache()
 
@@ -178,7 +156,7 @@ def lora_runner(s: Setting, name: str = "mlx-lm LoRA") -> Runner:
 
 def forward_runner(s: Setting, name: str = "forward only") -> Runner:
     """Diagnostic: the base model's forward pass and loss, no gradient (a lower bound on any step)."""
-    from loreft.trainer import completion_loss
+    from loreft.loss import completion_loss
 
     model = build_model(s.shape, s.dtype, s.seed)
     model.freeze()

@@ -13,7 +13,9 @@ import argparse, json, os, statistics, subprocess, sys, tempfile, time
 
 
 def child(model, dequantize, steps):
-    import loreft  # noqa: F401  (first: the fast BLAS)
+    from loreft.backend import setup
+
+    setup()  # first: the fast BLAS
     from loreft.demo import DEMO_ROWS, PERSONA_PARAMS, chat_rows
     from loreft.job import job_from_params
     from loreft import job as J
@@ -24,15 +26,16 @@ def child(model, dequantize, steps):
     load_s = time.perf_counter() - tic
     J.load_model = lambda *a, **k: model_obj  # run_job uses the model loaded (and timed) above
 
-    class StepTimes(Callback):
+    class StepTimes(Callback):  # at each report (every step): after that step's loss has been read
         def __init__(self):
             self.times = []
-        def on_step(self, step, total_steps):
+        def on_report(self, metrics):
             self.times.append((time.perf_counter(), time.process_time()))
 
     times = StepTimes()
     with tempfile.TemporaryDirectory() as out:
-        params = {**PERSONA_PARAMS, "model": model, "iters": steps, "adapter_dir": out, "dequantize": dequantize}
+        params = {**PERSONA_PARAMS, "model": model, "iters": steps, "adapter_dir": out, "dequantize": dequantize,
+                  "steps_per_report": 1}
         summary = J.run_job(job_from_params(params, require_data=False), callbacks=[times],
                             splits={"train": chat_rows(DEMO_ROWS)}, log=lambda *a: None)
     # the first gap includes compiling; CPU seconds (all threads) are less disturbed by other jobs than wall time
@@ -46,7 +49,6 @@ def child(model, dequantize, steps):
 
 def prepare(root):
     """The converted GGUF, and dense / 4-bit / 8-bit copies made with mlx_lm.convert (once, under root)."""
-    import loreft  # noqa: F401
     from mlx_lm import convert
     from loreft.demo import smollm2_gguf
     from loreft.models import converted_gguf

@@ -61,3 +61,18 @@ def param_count(cfg: dict) -> int:
     per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * cfg["intermediate_size"]
     head = 0 if cfg.get("tie_word_embeddings", True) else d * cfg["vocab_size"]
     return cfg["num_hidden_layers"] * per_layer + d * cfg["vocab_size"] + head
+
+
+def build_model(shape: str, dtype: str, seed: int = 0):
+    """A random-weight mlx-lm model of the named shape (nothing downloaded)."""
+    import importlib
+
+    import mlx.core as mx
+
+    config = SHAPES[shape]
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model

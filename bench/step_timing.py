@@ -1,8 +1,8 @@
 """Where a training step's time goes: host work to queue it against the device's time to run it.
 
-For the step `loreft.trainer.train` runs (built by `_make_step`), on a random-weight model of a public shape:
+For the step `loreft.trainer.train` runs (built by `make_step`), on a random-weight model of a public shape:
   prep   host time to build the step's inputs from a Batch (locations, supervised positions, the upload:
-         STAGE_STEPS steps at once as train() does; --inputs per-step makes six arrays every step)
+         LoopOptions.stage_steps steps at once as train() does; --inputs per-step makes six arrays every step)
   trace  host time of the compiled step's call (replaying the graph)
   queue  host time of mx.async_eval (encoding every kernel, and collectives, for the device)
   step   wall time per step with --steps steps queued back to back (the device's pace unless the host's is slower)
@@ -35,19 +35,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--layers", default="all", help='"0": one intervention, at the bottom: about the base model\'s own step')
     p.add_argument("--inputs", choices=["staged", "per-step", "reuse"], default="staged",
-                   help="staged: uploaded STAGE_STEPS steps at a time, as train() does; per-step: six arrays "
+                   help="staged: uploaded LoopOptions.stage_steps steps at a time, as train() does; per-step: six arrays "
                         "made every step; reuse: made once (no upload at all)")
     a = p.parse_args()
 
-    import loreft  # noqa: F401  (first: the fast BLAS on a Linux CPU)
+    from loreft.backend import setup
+
+    setup()  # first: the fast BLAS on a Linux CPU, the CUDA graph size on a GPU
     import mlx.core as mx
     import numpy as np
 
-    from bench.distributed import build_model
-    from bench.shapes import SHAPES
+    from bench.shapes import SHAPES, build_model
     from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Batch
-    from loreft.trainer import STAGE_STEPS, _make_step, batch_arrays, make_optimizer, stage_batches
+    from loreft.loss import batch_arrays, stage_batches
+    from loreft.trainer import LoopOptions, make_optimizer, make_step
 
     world = mx.distributed.init()
     model = build_model(a.shape, a.dtype)
@@ -55,7 +57,7 @@ def main() -> None:
     cfg = TrainConfig(learning_rate=1e-4, lr_schedule="constant", warmup_ratio=0.0, batch_size=a.batch, iters=1000)
     optimizer = make_optimizer(cfg, 1000)
     optimizer.init(model.trainable_parameters())
-    step_fn, state = _make_step(reft, optimizer, cfg)
+    step_fn, state = make_step(reft, optimizer, cfg, world)
     rng = np.random.default_rng(world.rank())
     tokens = rng.integers(1, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq + 1)).astype(np.int32)
     batch = Batch(tokens=tokens, prompt_lengths=np.full(a.batch, 3 * a.seq // 4, np.int32),
@@ -71,7 +73,7 @@ def main() -> None:
         for _ in range(n):
             t0 = time.perf_counter()
             if a.inputs == "staged":
-                staged = staged or stage_batches(reft, [batch] * STAGE_STEPS)
+                staged = staged or stage_batches(reft, [batch] * LoopOptions.stage_steps)
                 arrays = staged.pop()
             else:
                 arrays = fixed if a.inputs == "reuse" else batch_arrays(reft, batch)

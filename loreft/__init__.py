@@ -1,32 +1,33 @@
-"""mlx-loreft: Representation Finetuning (LoReFT and the ReFT family) for mlx-lm models."""
+"""mlx-loreft: Representation Finetuning (LoReFT and the ReFT family) for mlx-lm models.
+
+Importing the package loads nothing else: the names below load their module (and MLX) on first use,
+so that a program can call loreft.backend.setup() before MLX is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .blas import enable_fast_blas  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "load_adapter": "adapter", "read_adapter_config": "adapter", "save_adapter": "adapter",
+    "ConfigError": "config", "ReftConfig": "config", "TrainConfig": "config",
+    "INTERVENTION_CLASSES": "interventions", "orthonormalize": "interventions",
+    "Reft": "model", "attach": "model",
+    "Locations": "positions", "prompt_locations": "positions",
+}
+__all__ = sorted(_EXPORTS)
 
-FAST_BLAS = enable_fast_blas()  # first: libmlx binds cblas_sgemm when mlx.core is first imported
 
-from .cuda import tune_cuda_graphs  # noqa: E402
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'loreft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-CUDA_GRAPHS_TUNED = tune_cuda_graphs()  # before anything runs on the GPU: MLX reads the limits once
 
-from .adapter import load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from .config import ConfigError, ReftConfig, TrainConfig  # noqa: E402
-from .interventions import INTERVENTION_CLASSES, orthonormalize  # noqa: E402
-from .model import Reft, attach  # noqa: E402
-from .positions import Locations, prompt_locations  # noqa: E402
-
-__all__ = [
-    "ConfigError",
-    "INTERVENTION_CLASSES",
-    "Locations",
-    "Reft",
-    "ReftConfig",
-    "TrainConfig",
-    "attach",
-    "load_adapter",
-    "orthonormalize",
-    "prompt_locations",
-    "read_adapter_config",
-    "save_adapter",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -20,7 +20,7 @@ from .model import Reft, attach, model_dims
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "mlx-loreft-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ReftConfig is under "config" (version 1 called it "reft_config"; still read)
 
 
 def adapter_metadata(reft: Reft, base_model: str | None = None, extra: dict | None = None) -> dict:
@@ -30,7 +30,7 @@ def adapter_metadata(reft: Reft, base_model: str | None = None, extra: dict | No
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "reft_config": cfg.to_dict(),
+        "config": cfg.to_dict(),
         "intervention_class": PYREFT_NAMES[cfg.intervention],
         "layers": reft.layers,
         "groups": reft.groups,
@@ -124,7 +124,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> Reft:
             f"{meta['num_layers']} layers (base model {meta.get('base_model')!r}); this model has "
             f"hidden size {hidden} and {num_layers} layers"
         )
-    config = ReftConfig.from_dict(meta["reft_config"])
+    config = ReftConfig.from_dict(meta["config"] if "config" in meta else meta["reft_config"])
     reft = attach(model, config)
     reft.load_parameters(mx.load(str(Path(path) / WEIGHTS_FILE)))
     return reft

@@ -1,9 +1,9 @@
-"""Fast float32 matmul for MLX on Linux CPUs: load Intel MKL's BLAS before mlx.core is imported.
+"""Fast float32 matmul for MLX on Linux CPUs: load Intel MKL's BLAS before mlx.core is imported (backend.setup).
 
-The mlx-cpu wheel links netlib's reference BLAS (about 6 GFLOP/s for a float32 matmul). libmlx
+The mlx-cpu wheel links netlib's reference BLAS, which is slow (BENCHMARKS.md has the figures). libmlx
 looks cblas_sgemm up in the process's global symbol scope when it is loaded, so a library that
 exports the same unprefixed CBLAS/LAPACK names and was loaded earlier with RTLD_GLOBAL wins: the
-matmul then runs at about 200 GFLOP/s on two cores, with no rebuild of MLX. The library comes
+matmul then runs at MKL's speed, with no rebuild of MLX. The library comes
 from the `mkl` wheel (libmkl_rt), the one PyPI package found that exports unprefixed names and
 loads on a bare Linux machine (OpenBLAS wheels either prefix their names or need the system's
 libgfortran). Set LOREFT_NO_FAST_BLAS=1 to keep MLX's own BLAS.
@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -50,13 +51,15 @@ def enable_fast_blas() -> str | None:
         if os.environ.get(OPT_OUT_ENV, "").strip() not in ("", "0"):
             log.debug("fast BLAS: disabled by %s", OPT_OUT_ENV)
             return None
-        if "mlx.core" in sys.modules:
-            # libmlx has already bound cblas_sgemm to its bundled BLAS; loading now changes nothing.
-            log.debug("fast BLAS: mlx.core was imported first; keeping its bundled BLAS")
-            return None
         found = _mkl_rt()
         if found is None:
             log.debug("fast BLAS: the mkl package is not installed")
+            return None
+        if "mlx.core" in sys.modules:
+            # libmlx has already bound cblas_sgemm to its bundled BLAS; loading now changes nothing
+            warnings.warn("mlx.core was imported before loreft.backend.setup(): MLX keeps its slower bundled BLAS. "
+                          "Call setup() before importing mlx (or set LOREFT_NO_FAST_BLAS=1 to silence this).",
+                          RuntimeWarning, stacklevel=3)
             return None
         path, version = found
         probe = ctypes.CDLL(str(path))  # RTLD_LOCAL: check it before it can change any lookup
@@ -67,6 +70,6 @@ def enable_fast_blas() -> str | None:
         _result = f"mkl {version} ({path.name})"
         log.debug("fast BLAS: loaded %s from %s", _result, path)
         return _result
-    except Exception as exc:  # noqa: BLE001  a broken install must never stop loreft from importing
+    except Exception as exc:  # noqa: BLE001  a broken install must never stop training
         log.debug("fast BLAS: not loaded (%s: %s)", type(exc).__name__, exc)
         return None

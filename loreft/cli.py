@@ -7,6 +7,7 @@
     loreft convert MODEL.gguf OUT_DIR                                     a GGUF file as an mlx-lm model folder
 
 Configuration errors are reported on one line, naming the parameter, with exit code 2, before any model loads.
+main() applies loreft.backend.setup() first; this module imports nothing that loads MLX before that.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from pathlib import Path
 from .config import ConfigError
 from .data import DataError
 from .job import PARAMETERS, PARAMS_BY_NAME, job_from_params
-from .model import ParameterStats
-from .reporting import ProgressBar, StopOnSignal
-from .trainer import NonFiniteLossError
 
 PROG = "loreft"
 
@@ -83,6 +81,7 @@ def params_from_args(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything, then load, train and save; one summary line per result."""
     from .job import run_job
+    from .reporting import ProgressBar, StopOnSignal
 
     job = job_from_params(params_from_args(args))  # fails here, before any model or data loads
     print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
@@ -98,15 +97,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def print_summary(summary: dict) -> None:
     """The run's result in a few lines."""
+    from .model import ParameterStats
+
     state = "stopped early" if summary.get("stopped") else "done"
     print(f"Training {state}: step {summary['steps']}/{summary['total_steps']}, "
           f"{summary['train_time_s']:.1f}s, train loss {_fmt(summary.get('train_loss'))}")
+    if summary.get("stop_reason"):
+        print(summary["stop_reason"])
     for split in ("valid", "test"):
         m = summary.get(split)
         if m:
             print(f"{split}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
     print(ParameterStats(summary["trainable"], summary["total_parameters"]))
-    print(f"Adapter saved to {summary['adapter']}")
+    best = summary.get("best")
+    if best and summary.get("adapter_step") != summary["steps"]:
+        print(f"Adapter saved to {summary['adapter']}: the best by {best['metric']} ({best['value']:.4f}), from step "
+              f"{best['step']}; the last state is under its checkpoints folder")
+    else:
+        print(f"Adapter saved to {summary['adapter']}")
 
 
 def _fmt(x) -> str:
@@ -283,6 +291,11 @@ def _model_load_errors() -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (2: bad configuration or data)."""
+    from .backend import setup
+
+    setup()  # before anything imports mlx.core
+    from .trainer import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

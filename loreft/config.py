@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,8 @@ ACTIVATIONS = ("linear", "relu", "gelu", "gelu_approx", "silu", "tanh", "sigmoid
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRUNCATION = ("left", "drop")
+# which evaluation picks the adapter that is saved ("last": the adapter after the last step)
+BEST_METRICS = ("eval_loss", "eval_perplexity", "test_exact_match", "last")
 
 
 class ConfigError(ValueError):
@@ -124,13 +125,6 @@ class ReftConfig:
         """Build from a dict; unknown keys are an error."""
         return cls(**_known_fields(cls, d, "ReftConfig"))
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ReftConfig":
-        return cls.from_dict(json.loads(text))
-
 
 @dataclass
 class TrainConfig:
@@ -154,6 +148,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"
     valid_fraction: float = 0.2
+    best_metric: str = "eval_loss"  # the saved adapter is the best by this; "last": the last one
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: off)
+    early_stopping_min_delta: float = 0.0  # the smallest change that counts as an improvement
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError on the first bad one."""
@@ -187,6 +184,13 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
         number("valid_fraction", 0, 0.9)
+        if self.best_metric not in BEST_METRICS:
+            raise ConfigError("best_metric", self.best_metric, f"choose one of {', '.join(BEST_METRICS)}")
+        number("early_stopping_patience", 0, integer=True)
+        number("early_stopping_min_delta", 0)
+        if self.early_stopping_patience and self.best_metric == "last":
+            raise ConfigError("best_metric", self.best_metric, "early stopping needs a metric to watch: choose "
+                              "eval_loss, eval_perplexity or test_exact_match")
         return self
 
     def to_dict(self) -> dict:
@@ -205,7 +209,7 @@ def _known_fields(cls, d: dict, what: str) -> dict:
     return dict(d)
 
 
-# The paper's settings (LOREFT.md), offered by name in the CLI, the plugin form and the task.
+# The paper's settings (Wu et al. 2024, its hyperparameter tables), offered by name in the CLI, the plugin form and the task.
 PRESETS: dict[str, dict[str, dict]] = {
     "commonsense": {
         "reft": {"layers": "all", "rank": 8, "positions": "f7+l7", "share_weights": True, "dropout": 0.0},

@@ -1,4 +1,4 @@
-"""MLX CUDA backend settings that let the host queue a training step further ahead of the GPU."""
+"""MLX CUDA backend settings that let the host queue a training step further ahead of the GPU (applied by backend.setup)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import os
 
 import mlx.core as mx
 
-# MLX sends the GPU its kernels as CUDA graphs of at most MLX_MAX_OPS_PER_BUFFER ops and lets the host run at
-# most 10 graphs ahead. On the GPUs where it picks 100 ops (H100/H200, B200, RTX 50xx: MLX's table), that is
-# about 1,000 ops, a seventh of a LoReFT step: the host keeps waiting for the GPU mid-step. 400 ops: fewer
-# graph launches, the same memory (graphs also end at MLX's MLX_MAX_MB_PER_BUFFER, left as it is).
-# Measured with bench/step_timing.py and bench/distributed.py on H200s (BENCHMARKS.md).
+# MLX sends the GPU its kernels as CUDA graphs of at most MLX_MAX_OPS_PER_BUFFER ops and lets the host run a
+# fixed number of graphs ahead. On the GPUs where MLX picks 100 ops (sm_90, sm_100, sm_120 in its table), that
+# is a small part of a LoReFT step, so the host keeps waiting for the GPU mid-step. 400 ops: fewer graph
+# launches, the same memory (graphs also end at MLX's MLX_MAX_MB_PER_BUFFER, left as it is). The measurements
+# are in BENCHMARKS.md (bench/step_timing.py, bench/distributed.py).
 GRAPH_OPS = "400"
 RAISED_ON = {"sm_90", "sm_100", "sm_120"}
 

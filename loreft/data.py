@@ -43,10 +43,6 @@ class Batch:
         inside = (target >= self.prompt_lengths[:, None]) & (target < self.lengths[:, None])
         return inside.astype(np.float32)
 
-    @property
-    def num_target_tokens(self) -> int:
-        return int((self.lengths - self.prompt_lengths).sum())
-
 
 # ---------------------------------------------------------------------------------------------------
 # Loading
@@ -380,25 +376,6 @@ def tokenize_rows(
     return examples, stats
 
 
-def build(
-    source: Any,
-    tokenizer,
-    formatter: Formatter,
-    *,
-    max_seq_length: int,
-    truncation: str = "left",
-    valid_fraction: float = 0.2,
-    seed: int = 0,
-    splits: Iterable[str] = ("train", "valid", "test"),
-) -> tuple[dict[str, list[Example]], dict[str, dict]]:
-    """Load and tokenize every split: ({split: examples}, {split: stats})."""
-    loaded = load_splits(source, valid_fraction=valid_fraction, seed=seed, splits=splits)
-    examples, stats = {}, {}
-    for name, rows in loaded.items():
-        examples[name], stats[name] = tokenize_rows(rows, formatter, tokenizer, max_seq_length, truncation, split=name)
-    return examples, stats
-
-
 def pad_id_for(tokenizer) -> int:
     """A padding id: the tokenizer's pad token, else EOS, else 0 (padding never reaches the loss)."""
     for name in ("pad_token_id", "eos_token_id"):
@@ -415,8 +392,8 @@ def pad_id_for(tokenizer) -> int:
 def collate(examples: list[Example], pad_id: int = 0, pad_to: int = 8) -> Batch:
     """Right-pad examples into one Batch whose model inputs (every token but the last) are a multiple of pad_to wide.
 
-    The inputs' width is what the kernels see: on CUDA a width of 511 made a Qwen2-0.5B training step 1.7x
-    slower than 512 (BENCHMARKS.md). mlx-lm's trainer pads the same way.
+    The inputs' width is what the kernels see, and GPU matmul kernels are much slower at odd widths such as
+    511 than at 512 (BENCHMARKS.md). mlx-lm's trainer pads the same way.
     """
     if not examples:
         raise DataError("cannot collate an empty batch")
@@ -496,12 +473,3 @@ def iterate_batches(
         if len(mine) == 0:
             continue
         yield collate([examples[i] for i in mine], pad_id=pad_id, pad_to=pad_to)
-
-
-def padding_fraction(batches: Iterable[Batch]) -> float:
-    """Share of token slots in these batches that are padding."""
-    slots = real = 0
-    for b in batches:
-        slots += b.tokens.size
-        real += int(b.lengths.sum())
-    return (slots - real) / slots if slots else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -11,16 +12,56 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError
-from .data import Example, Formatter, pad_id_for, tokenize_rows
+from .data import Example, Formatter, iterate_batches, pad_id_for, tokenize_rows
 from .generate import batch_generate
+from .loss import PAD_TO, completion_loss
 from .model import Reft
-from .trainer import evaluate_loss
 
 EVAL_FILE = "eval.json"
 EXTRA_TOKENS = 8  # generation budget past the reference's length, so a correct answer can still end (EOS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss and perplexity
+
+
+def evaluate_loss(
+    model: nn.Module, examples: Sequence[Example], batch_size: int, *, reft: Reft | None = None, pad_id: int = 0,
+    max_batches: int = 0, group: mx.distributed.Group | None = None,
+) -> dict:
+    """Completion-token loss and perplexity in eval mode; the interventions edit when reft is given.
+
+    group: the processes that share the examples (the default group when None); each scores its share.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    world = group or mx.distributed.init()
+    try:
+        # each rank scores its share of every batch; nothing is dropped (ranks need not stay in step here)
+        batches = iterate_batches(examples, batch_size, shuffle=False, pad_id=pad_id, pad_to=PAD_TO,
+                                  rank=world.rank(), world_size=world.size(), equal_shares=False)
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            tokens, mask = mx.array(batch.tokens), mx.array(batch.loss_mask())
+            if reft is not None:
+                reft.set_locations(reft.locations(batch.prompt_lengths))
+            s, n = completion_loss(model, tokens, mask)
+            total, count = total + s, count + n
+            mx.async_eval(total, count)  # queue this batch while the next one is prepared
+    finally:
+        if reft is not None:
+            reft.set_locations(None)
+        model.train(was_training)
+    if world.size() > 1:  # on the backend's own stream: nccl cannot use mx.cpu
+        total, count = mx.distributed.all_sum(total, group=world), mx.distributed.all_sum(count, group=world)
+    loss = (total / mx.maximum(count, 1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count.item())}
 
 
 # ---------------------------------------------------------------------------------------------------

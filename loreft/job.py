@@ -1,7 +1,8 @@
 """One training job from flat parameters (CLI flags, YAML, TransformerLab): validate, load, train.
 
 PARAMETERS is the single table of every user-facing parameter: its type, default, bounds and help.
-The CLI's flags, the plugin's index.json form, task.yaml and info.md are all derived from it.
+The CLI's flags, the plugin's index.json form, task.yaml and README's table are generated from it
+(tools/make_plugin_files.py, which also writes info.md).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import (ACTIVATIONS, DTYPES, INTERVENTIONS, LR_SCHEDULES, PRESETS, TRUNCATION, ConfigError,
-                     ReftConfig, TrainConfig)
+from .config import (ACTIVATIONS, BEST_METRICS, DTYPES, INTERVENTIONS, LR_SCHEDULES, PRESETS, TRUNCATION,
+                     ConfigError, ReftConfig, TrainConfig)
 from .models import DEQUANTIZE, check_model, load_model, resolve_model  # noqa: F401  (the loader's home is models.py)
 
 
@@ -27,7 +28,8 @@ class Param:
     group: str = "job"  # "job", "reft" or "train": which config the value lands in
 
 
-_R, _T = ReftConfig(), TrainConfig()
+REPORT_TO = ("none", "tensorboard", "wandb", "tensorboard,wandb")  # loggers besides the app's own
+REFT_DEFAULTS, TRAIN_DEFAULTS = ReftConfig(), TrainConfig()  # the defaults PARAMETERS shows
 
 PARAMETERS: list[Param] = [
     Param("model", str, None, "Base model: a local mlx-lm model folder, a .gguf file (llama family, converted once into the cache) or a Hugging Face id already in the local cache."),
@@ -38,34 +40,52 @@ PARAMETERS: list[Param] = [
     Param("completion_template", str, "", "Jinja2 template of the completion, e.g. '{{output}}'. Empty: auto-detect."),
     Param("chat_column", str, "", "Column holding chat messages; the last assistant turn is the completion."),
     Param("resume", str, "", "Resume from a checkpoint folder, or 'auto' for the newest under adapter_dir/checkpoints."),
-    Param("intervention", str, _R.intervention, "ReFT intervention type: loreft is the paper's LoReFT.", enum=INTERVENTIONS, group="reft"),
-    Param("layers", str, _R.layers, "Layers to intervene on: 'all', 'middle', '3;9;18;24' or a range '0-11'.", group="reft"),
-    Param("positions", str, _R.positions, "Prompt positions edited: 'f7+l7' = first 7 and last 7 prompt tokens; 'l1' = the last one.", group="reft"),
-    Param("rank", int, _R.rank, "Rank r of the low-rank subspace (parameters grow linearly with r).", minimum=1, maximum=1024, group="reft"),
-    Param("share_weights", bool, _R.share_weights, "One intervention per layer for both first and last positions (tied).", group="reft"),
-    Param("dropout", float, _R.dropout, "Dropout on the edited hidden states (pyreft's default 0).", minimum=0.0, maximum=0.99, group="reft"),
-    Param("act_fn", str, _R.act_fn, "Activation applied to W h + b.", enum=ACTIVATIONS, group="reft"),
-    Param("learning_rate", float, _T.learning_rate, "Peak learning rate (> 0).", minimum=1e-8, group="train"),
-    Param("lr_schedule", str, _T.lr_schedule, "Decay after warmup.", enum=LR_SCHEDULES, group="train"),
-    Param("warmup_ratio", float, _T.warmup_ratio, "Share of the updates spent warming up linearly.", minimum=0.0, maximum=1.0, group="train"),
-    Param("weight_decay", float, _T.weight_decay, "AdamW weight decay (0 uses Adam).", minimum=0.0, group="train"),
-    Param("batch_size", int, _T.batch_size, "Examples per batch.", minimum=1, group="train"),
-    Param("grad_accumulation_steps", int, _T.grad_accumulation_steps, "Batches per optimizer update (its gradient is the token mean over all of them, as one large batch).", minimum=1, group="train"),
-    Param("epochs", int, _T.epochs, "Passes over the training split (ignored when iters > 0).", minimum=0, group="train"),
-    Param("iters", int, _T.iters, "Total batches to train on; 0 uses epochs.", minimum=0, group="train"),
-    Param("max_seq_length", int, _T.max_seq_length, "Longest prompt + completion in tokens.", minimum=2, group="train"),
-    Param("truncation", str, _T.truncation, "Rows too long: 'left' cuts the prompt's start, 'drop' skips them.", enum=TRUNCATION, group="train"),
-    Param("grad_clip", float, _T.grad_clip, "Clip the gradient's global norm to this (0: off).", minimum=0.0, group="train"),
-    Param("steps_per_report", int, _T.steps_per_report, "Report loss, tokens/s and progress every N steps.", minimum=1, group="train"),
-    Param("steps_per_eval", int, _T.steps_per_eval, "Validate every N steps (0: only at the end).", minimum=0, group="train"),
-    Param("save_every", int, _T.save_every, "Write a checkpoint every N steps (0: only the final adapter).", minimum=0, group="train"),
-    Param("max_eval_batches", int, _T.max_eval_batches, "Cap on validation batches (0: the whole split).", minimum=0, group="train"),
-    Param("valid_fraction", float, _T.valid_fraction, "Share of train held out when the data has no validation split.", minimum=0.0, maximum=0.9, group="train"),
-    Param("seed", int, _T.seed, "Seed for initialization, shuffling, splits and dropout.", minimum=0, group="train"),
-    Param("dtype", str, _T.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
+    Param("intervention", str, REFT_DEFAULTS.intervention, "ReFT intervention type: loreft is the paper's LoReFT.", enum=INTERVENTIONS, group="reft"),
+    Param("layers", str, REFT_DEFAULTS.layers, "Layers to intervene on: 'all', 'middle', '3;9;18;24' or a range '0-11'.", group="reft"),
+    Param("positions", str, REFT_DEFAULTS.positions, "Prompt positions edited: 'f7+l7' = first 7 and last 7 prompt tokens; 'l1' = the last one.", group="reft"),
+    Param("rank", int, REFT_DEFAULTS.rank, "Rank r of the low-rank subspace (parameters grow linearly with r).", minimum=1, maximum=1024, group="reft"),
+    Param("share_weights", bool, REFT_DEFAULTS.share_weights, "One intervention per layer for both first and last positions (tied).", group="reft"),
+    Param("dropout", float, REFT_DEFAULTS.dropout, "Dropout on the edited hidden states (pyreft's default 0).", minimum=0.0, maximum=0.99, group="reft"),
+    Param("act_fn", str, REFT_DEFAULTS.act_fn, "Activation applied to W h + b.", enum=ACTIVATIONS, group="reft"),
+    Param("learning_rate", float, TRAIN_DEFAULTS.learning_rate, "Peak learning rate (> 0).", minimum=1e-8, group="train"),
+    Param("lr_schedule", str, TRAIN_DEFAULTS.lr_schedule, "Decay after warmup.", enum=LR_SCHEDULES, group="train"),
+    Param("warmup_ratio", float, TRAIN_DEFAULTS.warmup_ratio, "Share of the updates spent warming up linearly.", minimum=0.0, maximum=1.0, group="train"),
+    Param("weight_decay", float, TRAIN_DEFAULTS.weight_decay, "AdamW weight decay (0 uses Adam).", minimum=0.0, group="train"),
+    Param("batch_size", int, TRAIN_DEFAULTS.batch_size, "Examples per batch.", minimum=1, group="train"),
+    Param("grad_accumulation_steps", int, TRAIN_DEFAULTS.grad_accumulation_steps, "Batches per optimizer update (its gradient is the token mean over all of them, as one large batch).", minimum=1, group="train"),
+    Param("epochs", int, TRAIN_DEFAULTS.epochs, "Passes over the training split (ignored when iters > 0).", minimum=0, group="train"),
+    Param("iters", int, TRAIN_DEFAULTS.iters, "Total batches to train on; 0 uses epochs.", minimum=0, group="train"),
+    Param("max_seq_length", int, TRAIN_DEFAULTS.max_seq_length, "Longest prompt + completion in tokens.", minimum=2, group="train"),
+    Param("truncation", str, TRAIN_DEFAULTS.truncation, "Rows too long: 'left' cuts the prompt's start, 'drop' skips them.", enum=TRUNCATION, group="train"),
+    Param("grad_clip", float, TRAIN_DEFAULTS.grad_clip, "Clip the gradient's global norm to this (0: off).", minimum=0.0, group="train"),
+    Param("steps_per_report", int, TRAIN_DEFAULTS.steps_per_report, "Report loss, tokens/s and progress every N steps.", minimum=1, group="train"),
+    Param("steps_per_eval", int, TRAIN_DEFAULTS.steps_per_eval, "Validate every N steps (0: only at the end).", minimum=0, group="train"),
+    Param("save_every", int, TRAIN_DEFAULTS.save_every, "Write a checkpoint every N steps (0: only the final adapter).", minimum=0, group="train"),
+    Param("max_eval_batches", int, TRAIN_DEFAULTS.max_eval_batches, "Cap on validation batches (0: the whole split).", minimum=0, group="train"),
+    Param("valid_fraction", float, TRAIN_DEFAULTS.valid_fraction, "Share of train held out when the data has no validation split.", minimum=0.0, maximum=0.9, group="train"),
+    Param("seed", int, TRAIN_DEFAULTS.seed, "Seed for initialization, shuffling, splits and dropout.", minimum=0, group="train"),
+    Param("dtype", str, TRAIN_DEFAULTS.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
     Param("dequantize", str, "auto", "Quantized base: unpack to dense weights first. 'auto' = on a CPU when the dense weights take at most half the free memory (CPU quantized matmuls are slow); GPUs keep the quantized kernels.", enum=DEQUANTIZE),
+    Param("best_metric", str, TRAIN_DEFAULTS.best_metric, "The adapter saved is the best one by this evaluation (test_exact_match: greedy generation on the test split at every evaluation); the last one is kept as a checkpoint. 'last': save the last one.", enum=BEST_METRICS, group="train"),
+    Param("early_stopping_patience", int, TRAIN_DEFAULTS.early_stopping_patience, "Stop after this many evaluations without improvement of best_metric (0: off); the best adapter is saved.", minimum=0, group="train"),
+    Param("early_stopping_min_delta", float, TRAIN_DEFAULTS.early_stopping_min_delta, "The smallest change of best_metric that counts as an improvement for early stopping.", minimum=0.0, group="train"),
+    Param("report_to", str, "none", "Also log metrics to TensorBoard (event files under adapter_dir/runs), W&B (offline without an API key), or both.", enum=REPORT_TO, group="job"),
 ]
 PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+# Form titles where name.title() reads badly (the plugin's form and task.yaml).
+TITLES = {
+    "lr_schedule": "Learning Rate Schedule", "act_fn": "Activation Function", "dtype": "Base Model Dtype",
+    "max_seq_length": "Max Sequence Length", "iters": "Iterations (0: use epochs)", "grad_clip": "Gradient Clipping",
+    "grad_accumulation_steps": "Gradient Accumulation Steps", "max_eval_batches": "Max Validation Batches",
+    "steps_per_eval": "Steps per Validation", "steps_per_report": "Steps per Report", "save_every": "Checkpoint Every N Steps",
+    "share_weights": "Tie First/Last Interventions", "valid_fraction": "Validation Fraction",
+    "resume": "Resume From Checkpoint", "preset": "Paper Preset", "best_metric": "Keep the Best Adapter By",
+    "early_stopping_min_delta": "Early Stopping Min Delta", "report_to": "Report To",
+    "dequantize": "Unpack a Quantized Base",
+}
+# task.yaml's defaults where they differ from PARAMETERS': a first run of minutes, not hours.
+TASK_OVERRIDES = {"iters": 300, "steps_per_eval": 100, "max_eval_batches": 8}
 
 
 def coerce(param: Param, value: Any) -> Any:
@@ -111,12 +131,14 @@ class Job:
     formatting: dict = field(default_factory=dict)
     resume: str | None = None
     preset: str = ""
+    report_to: tuple[str, ...] = ()  # metric loggers besides the caller's callbacks: "tensorboard", "wandb"
     dequantize: str = "auto"  # a quantized base: 'auto', 'always' or 'never' unpack it (models.should_dequantize)
 
     def to_params(self) -> dict:
         """The flat parameters this job was made from (after defaults and preset)."""
         flat = {"model": self.model, "data": self.data, "adapter_dir": self.adapter_dir, "preset": self.preset,
-                "resume": self.resume or "", "dequantize": self.dequantize, **self.formatting}
+                "report_to": ",".join(self.report_to) or "none", "dequantize": self.dequantize,
+                "resume": self.resume or "", **self.formatting}
         flat.update({k: v for k, v in self.reft.to_dict().items() if k != "seed"})
         flat.update(self.train.to_dict())
         return flat
@@ -153,7 +175,12 @@ def job_from_params(params: dict, *, strict: bool = True, require_data: bool = T
     formatting = {k: values[k] or None for k in ("prompt_template", "completion_template", "chat_column")}
     resume = values["resume"] or None
     return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset,
-               dequantize=values["dequantize"])
+               parse_report_to(values["report_to"]), dequantize=values["dequantize"])
+
+
+def parse_report_to(text: str) -> tuple[str, ...]:
+    """'none' -> (); 'tensorboard,wandb' -> ('tensorboard', 'wandb') (the value is one of REPORT_TO)."""
+    return () if text == "none" else tuple(text.split(","))
 
 
 def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> dict:
@@ -162,19 +189,24 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     splits: already-loaded {split: rows} (TransformerLab's loader); otherwise job.data is loaded.
     Data and templates are checked before the model loads, so bad input fails fast.
     """
-    from . import data as D
+    from .data import Formatter, column_names, load_splits, pad_id_for, tokenize_rows
     from .model import attach
-    from .trainer import latest_checkpoint, train
+    from .reporting import report_callbacks
+    from .trainer import check_selection, latest_checkpoint, train
 
     import mlx.core as mx
 
-    if mx.distributed.init().rank() != 0:
+    group = mx.distributed.init()  # the processes training together (one, unless under mlx.launch)
+    if group.rank() != 0:
         log = lambda *args, **kwargs: None  # noqa: E731  (one voice under mlx.launch: rank 0's)
     if splits is None:
-        splits = D.load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed)
-    formatter = D.Formatter(None, **job.formatting)
-    columns = D.column_names(splits["train"])
+        splits = load_splits(job.data, valid_fraction=job.train.valid_fraction, seed=job.train.seed)
+    formatter = Formatter(None, **job.formatting)
+    columns = column_names(splits["train"])
     formatter.check(columns)
+    check_selection(job.train, splits.get("valid"), splits.get("test"), group.size() == 1)
+    if group.rank() == 0:  # one logger per run, on the process that reports
+        callbacks = [*callbacks, *report_callbacks(job.report_to, job.adapter_dir, config=job.to_params())]
     resume = job.resume
     if resume == "auto":
         resume = latest_checkpoint(job.adapter_dir)
@@ -185,14 +217,14 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     reft = attach(model, job.reft)  # checks layers and rank against the model before any tokenizing
     examples = {}
     for name, rows in splits.items():
-        examples[name], stats = D.tokenize_rows(rows, formatter, tokenizer, job.train.max_seq_length, job.train.truncation, split=name)
+        examples[name], stats = tokenize_rows(rows, formatter, tokenizer, job.train.max_seq_length, job.train.truncation, split=name)
         if stats["truncated"] or stats["dropped"]:
             log(f"{name}: {stats['truncated']} rows truncated, {stats['dropped']} dropped (max_seq_length={job.train.max_seq_length})")
     # what training really used (auto-detection may have chosen a template), so generation formats alike
     extra = {"formatting": {"prompt_template": formatter.prompt_template, "completion_template": formatter.completion_template,
                             "chat_column": formatter.chat_column, "chat": formatter.uses_chat_template}}
     test_metrics_fn = None
-    if mx.distributed.init().size() == 1:  # greedy generation for exact match runs on one process only
+    if group.size() == 1:  # greedy generation for exact match runs on one process only
         from .evaluate import exact_match_scores
 
         def test_metrics_fn(test_examples):
@@ -200,10 +232,10 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
 
     summary = train(
         reft, examples["train"], examples.get("valid"), job.train, job.adapter_dir,
-        callbacks=callbacks, test_set=examples.get("test"), pad_id=D.pad_id_for(tokenizer),
-        resume_from=resume, base_model=job.model, adapter_extra=extra, test_metrics_fn=test_metrics_fn,
+        callbacks=callbacks, test_set=examples.get("test"), pad_id=pad_id_for(tokenizer),
+        resume_from=resume, base_model=job.model, adapter_extra=extra, test_metrics_fn=test_metrics_fn, group=group,
     )
-    if summary["test"] and mx.distributed.init().rank() == 0:
+    if summary["test"] and group.rank() == 0:
         from .evaluate import write_eval
 
         write_eval(summary["adapter"], {"split": "test", **summary["test"]})

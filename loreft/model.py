@@ -19,6 +19,7 @@ class _Context:
     def __init__(self):
         self._locations: Locations | None = None
         self.seen: dict[int, int] = {}  # tokens each block has processed, for caches without an offset
+        self.apply = None  # how blocks apply their interventions (None: apply_interventions)
 
     @property
     def locations(self) -> Locations | None:
@@ -66,7 +67,7 @@ class ReftBlock(nn.Module):
         locations = self._context.locations
         if locations is None or (isinstance(offset, int) and offset >= locations.end):
             return h  # no edit here: decode steps after the prompt cost nothing extra
-        return apply_interventions(h, self.interventions, locations, offset)
+        return (self._context.apply or apply_interventions)(h, self.interventions, locations, offset)
 
 
 def apply_interventions(h: mx.array, interventions: dict, locations: Locations, offset=0) -> mx.array:
@@ -74,7 +75,7 @@ def apply_interventions(h: mx.array, interventions: dict, locations: Locations, 
 
     The edited rows are picked and written back through a (B, L, n) 0/1 selection matrix: two small
     batched matmuls, exact (one nonzero per row; unused slots select nothing), with no gather/scatter
-    kernels (same step time as take_along_axis + .at[].add on an H200 and on a CPU: BENCHMARKS.md).
+    kernels (as fast as take_along_axis + .at[].add on a GPU and on a CPU: BENCHMARKS.md).
     All groups share one selection (their valid positions never overlap: first and last are clamped
     apart); each group's intervention edits its own slice of the picked rows.
     """
@@ -163,6 +164,10 @@ class Reft:
     def set_locations(self, locations: Locations | None) -> None:
         """Edit at these locations on the next calls; None turns the edit off (plain base model)."""
         self._context.locations = locations
+
+    def set_apply(self, apply=None) -> None:
+        """Compute the edit with apply(h, interventions, locations, offset) instead of apply_interventions (None: back)."""
+        self._context.apply = apply
 
     def parameters(self) -> dict[str, mx.array]:
         """Flat dict of every intervention parameter, e.g. 'layers.3.first.weight'."""

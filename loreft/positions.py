@@ -78,16 +78,3 @@ def prompt_locations(
         groups[name] = (idx, ok) if host else (mx.array(idx), mx.array(ok))
     end = int(max(offs + lengths)) if B else 0
     return Locations(groups, end)
-
-
-def dense_mask(locations: Locations, seq_len: int) -> np.ndarray:
-    """(B, seq_len) count of edits each position receives (for tests and inspection)."""
-    B = next(iter(locations.groups.values()))[0].shape[0]
-    mask = np.zeros((B, seq_len), np.int32)
-    for idx, ok in locations.groups.values():
-        idx, ok = np.array(idx), np.array(ok)
-        for b in range(B):
-            for i, v in zip(idx[b], ok[b]):
-                if v:
-                    mask[b, i] += 1
-    return mask

@@ -1,14 +1,18 @@
-"""Training callbacks and the files written beside each adapter (metrics.jsonl, loss.png)."""
+"""Training callbacks (progress bar, Ctrl-C, TensorBoard, W&B) and the files written beside each adapter (metrics.jsonl, loss.png)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 
+from .config import ConfigError
 from .model import ParameterStats
+
+TENSORBOARD_DIR = "runs"  # TensorBoard event files, under the adapter folder
 
 
 class Callback:
@@ -34,7 +38,7 @@ class Callback:
         return False
 
     def on_end(self, summary: dict) -> None:
-        """Once, after the final adapter is saved (or training failed: summary['error'])."""
+        """Once, after the final adapter is saved (not called when training fails: the exception propagates)."""
 
 
 class StopOnSignal(Callback):
@@ -112,6 +116,81 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """A report or evaluation row's metrics under the names every logger uses: train/loss, eval/perplexity, ..."""
+    if row.get("kind") == "train":
+        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec") if k in row}
+    prefix = "eval" if row.get("split") == "valid" else row.get("split", "eval")
+    return {f"{prefix}/{k}": float(row[k]) for k in ("loss", "perplexity", "exact_match") if k in row}
+
+
+class TensorBoardLogger(Callback):
+    """Scalars to TensorBoard event files in log_dir (tensorboardX: pip install 'mlx-loreft[tensorboard]')."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError("report_to", "tensorboard", "needs the tensorboardX package: pip install 'mlx-loreft[tensorboard]'") from None
+        self.writer = SummaryWriter(logdir=str(log_dir))
+
+    def _log(self, row: dict) -> None:
+        for name, value in scalars(row).items():
+            self.writer.add_scalar(name, value, row["step"])
+        self.writer.flush()
+
+    def on_report(self, m):
+        self._log(m)
+
+    def on_eval(self, m):
+        self._log(m)
+
+    def on_end(self, summary):
+        self.writer.close()
+
+
+class WandbLogger(Callback):
+    """Scalars to Weights & Biases (pip install 'mlx-loreft[wandb]'); offline, to local files, when no API key is set."""
+
+    def __init__(self, project: str = "mlx-loreft", name: str | None = None, config: dict | None = None, wandb=None):
+        if wandb is None:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("report_to", "wandb", "needs the wandb package: pip install 'mlx-loreft[wandb]'") from None
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has("api.wandb.ai")
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+        self.run = wandb.init(project=project, name=name, config=config or {}, mode=mode)
+
+    def on_report(self, m):
+        self.run.log(scalars(m), step=m["step"])
+
+    def on_eval(self, m):
+        self.run.log(scalars(m), step=m["step"])
+
+    def on_end(self, summary):
+        self.run.finish()
+
+
+def _netrc_has(host: str) -> bool:
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def report_callbacks(report_to: tuple[str, ...], adapter_dir: str | Path, config: dict | None = None) -> list[Callback]:
+    """The loggers named in report_to ('tensorboard', 'wandb'); a missing package is a ConfigError."""
+    loggers: list[Callback] = []
+    if "tensorboard" in report_to:
+        loggers.append(TensorBoardLogger(Path(adapter_dir) / TENSORBOARD_DIR))
+    if "wandb" in report_to:
+        loggers.append(WandbLogger(name=Path(adapter_dir).name, config=config))
+    return loggers
 
 
 def start_lines(info: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """The one place that knows TransformerLab: parameter mapping, the plugin reporter (tlab_trainer), the task reporter (lab).
 
-TransformerLab runs a trainer in two ways (shared/TRANSFORMERLAB.md): as a plugin, through the SDK its
+TransformerLab runs a trainer in two ways: as a plugin, through the SDK its
 harness provides (`transformerlab.sdk.v1.train.tlab_trainer`), or as a task, through the `transformerlab`
 PyPI package (`from lab import lab`). Both SDKs are imported lazily, inside the functions that use them,
 so loreft installs and runs without either.
@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ConfigError
 from .job import PARAMETERS, PARAMS_BY_NAME, Job, coerce, job_from_params, run_job
-from .reporting import Callback, start_lines
+from .reporting import Callback, scalars, start_lines
 
 # Parameters the app itself supplies (model_name, the dataset, adaptor_output_dir): not form fields.
 APP_FIELDS = ("model", "data", "adapter_dir")
@@ -175,15 +175,12 @@ class PluginReporter(Callback):
 
     def on_report(self, m):
         self.eta_s = m["eta_s"]
-        for name in ("loss", "learning_rate", "tokens_per_sec"):
-            self.tlab.log_metric(f"train/{name}", float(m[name]), m["step"])
+        for name, value in scalars(m).items():
+            self.tlab.log_metric(name, value, m["step"])
 
     def on_eval(self, m):
-        prefix = "eval" if m["split"] == "valid" else m["split"]
-        for name in ("loss", "perplexity"):
-            self.tlab.log_metric(f"{prefix}/{name}", float(m[name]), m["step"])
-        if "exact_match" in m:
-            self.tlab.log_metric("eval/exact_match", float(m["exact_match"]), m["step"])
+        for name, value in scalars(m).items():
+            self.tlab.log_metric(name, value, m["step"])
 
     def should_stop(self):
         return self.stopped
@@ -212,16 +209,13 @@ class TaskReporter(Callback):
             self.stop_requested = bool(self.lab.get_job_data().get("stop"))
 
     def on_report(self, m):
-        metrics = {"train/loss": m["loss"], "train/learning_rate": m["learning_rate"],
-                   "train/tokens_per_sec": m["tokens_per_sec"], "estimated_time_remaining": m["eta_s"]}
+        metrics = {**scalars(m), "estimated_time_remaining": m["eta_s"]}
         self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
         self.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s, "
                      f"ETA {m['eta_s']:.0f}s")
 
     def on_eval(self, m):
-        prefix = "eval" if m["split"] == "valid" else m["split"]
-        metrics = {f"{prefix}/{k}": m[k] for k in ("loss", "perplexity", "exact_match") if k in m}
-        self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=scalars(m), step=m["step"])
         self.log(f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
 
     def on_checkpoint(self, step, path):

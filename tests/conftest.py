@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import loreft  # noqa: F401  first, so the fast BLAS loads before any test module imports mlx.core
+import loreft.backend
+
+loreft.backend.setup()  # first, as the CLI does: the fast BLAS loads before any test module imports mlx.core
 
 import pytest
 

@@ -12,7 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-import mlx.core as mx
+import loreft.backend
+
+loreft.backend.setup()  # before mlx.core, as the CLI does
+
+import mlx.core as mx  # noqa: E402
 import mlx_lm
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 

@@ -84,7 +84,7 @@ def test_config_file_holds_everything_to_rebuild(folders, tmp_path):
     save_adapter(reft, tmp_path / "a", base_model="org/tiny")
     meta = json.loads((tmp_path / "a" / "reft_config.json").read_text())
     assert meta == read_adapter_config(tmp_path / "a")
-    assert ReftConfig.from_dict(meta["reft_config"]) == cfg
+    assert ReftConfig.from_dict(meta["config"]) == cfg
     assert meta["intervention_class"] == "DireftIntervention"
     assert (meta["hidden_size"], meta["num_layers"], meta["rank"], meta["layers"]) == (32, 3, 4, [1])
     assert meta["weights_dtype"] == "float32"
@@ -93,6 +93,22 @@ def test_config_file_holds_everything_to_rebuild(folders, tmp_path):
     assert meta["library_version"] == loreft.__version__
     weights = mx.load(str(tmp_path / "a" / "adapter.safetensors"))
     assert set(weights) == set(reft.parameters()) and all(v.dtype == mx.float32 for v in weights.values())
+
+
+def test_version_1_adapters_still_load(folders, tmp_path):
+    """Adapters written before the ReftConfig key was renamed ("reft_config" -> "config") load the same."""
+    reft = trained(fresh(folders), ReftConfig(layers="1", rank=2, positions="f1+l1", act_fn="silu"))
+    save_adapter(reft, tmp_path / "a")
+    file = tmp_path / "a" / "reft_config.json"
+    meta = json.loads(file.read_text())
+    meta["reft_config"] = meta.pop("config")
+    meta["format_version"] = 1
+    file.write_text(json.dumps(meta))
+    model2 = fresh(folders)
+    back = load_adapter(model2, tmp_path / "a")
+    assert back.config == reft.config
+    for k, v in reft.parameters().items():
+        assert np.array_equal(np.array(back.parameters()[k]), np.array(v)), k
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -187,7 +203,7 @@ def test_save_replaces_an_existing_adapter(folders, tmp_path):
     save_adapter(attach(fresh(folders), ReftConfig(layers="0", rank=2, positions="l1")), path)
     second = trained(fresh(folders), ReftConfig(layers="1", rank=3, positions="f1+l1", intervention="noreft"), seed=3)
     save_adapter(second, path)
-    assert read_adapter_config(path)["reft_config"]["intervention"] == "noreft"
+    assert read_adapter_config(path)["config"]["intervention"] == "noreft"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     model = fresh(folders)
     assert np.array_equal(edited_logits(model, load_adapter(model, path)), edited_logits(second.model, second))

@@ -1,4 +1,5 @@
-"""loreft.blas: MLX CPU matmuls through MKL match float64 numpy, the opt-out loads nothing, and the library is really loaded.
+"""loreft.backend / loreft.blas: MLX CPU matmuls through MKL match float64 numpy, the opt-out loads nothing,
+the library is really loaded by setup(), and importing loreft alone changes nothing in the process.
 
 Each case runs in a fresh interpreter: libmlx binds cblas_sgemm once, when mlx.core is first imported.
 """
@@ -30,10 +31,14 @@ def _has_mkl() -> bool:
 needs_linux = pytest.mark.skipif(not LINUX, reason="/proc/self/maps and the preload are Linux-only")
 needs_mkl = pytest.mark.skipif(not (LINUX and _has_mkl()), reason="needs Linux and the mkl package")
 
-# Printed as the last line of every child: what enable_fast_blas reports and whether the library is mapped.
+# Printed as the last line of every child: what setup() reports and whether the library is mapped.
 REPORT = f"""
-from loreft.blas import enable_fast_blas
-out["fast_blas"] = enable_fast_blas()
+import warnings
+from loreft.backend import setup
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out["fast_blas"] = setup()["fast_blas"]
+out["warned"] = [str(w.message) for w in caught]
 out["mapped"] = {LINUX} and any("{LIB}" in line for line in open("/proc/self/maps"))
 print(json.dumps(out))
 """
@@ -57,8 +62,9 @@ def run_child(code: str, *args: str, **env: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-NUMERICS = """
-import loreft  # first, as users do: it loads the fast BLAS before mlx.core
+SETUP = "import loreft.backend\nloreft.backend.setup()\n"  # first, as the CLI does: before mlx.core
+
+NUMERICS = SETUP + """
 import json
 import numpy as np
 import mlx.core as mx
@@ -105,27 +111,46 @@ def test_float32_matmul_and_linear_grad_match_float64():
 @needs_linux
 def test_opt_out_loads_nothing():
     out = run_child(
-        "import loreft, json\nimport mlx.core as mx\nmx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\nout = {}",
+        SETUP + "import json\nimport mlx.core as mx\nmx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\nout = {}",
         LOREFT_NO_FAST_BLAS="1",
     )
-    assert out == {"fast_blas": None, "mapped": False}
+    assert out == {"fast_blas": None, "mapped": False, "warned": []}
 
 
 @needs_mkl
 def test_enabled_maps_the_library():
-    out = run_child("import loreft, json\nimport mlx.core as mx\nout = {}")
-    assert out["mapped"], out
+    out = run_child(SETUP + "import json\nimport mlx.core as mx\nout = {}")
+    assert out["mapped"] and out["warned"] == [], out
     assert out["fast_blas"].startswith("mkl "), out
 
 
-@needs_linux
-def test_too_late_after_mlx_core_changes_nothing():
-    out = run_child("import mlx.core, json\nimport loreft\nout = {}")
-    assert out == {"fast_blas": None, "mapped": False}
+@needs_mkl
+def test_setup_after_mlx_core_changes_nothing_and_warns():
+    out = run_child("import mlx.core, json\nout = {}")
+    assert out["fast_blas"] is None and not out["mapped"], out
+    assert len(out["warned"]) == 1 and "before loreft.backend.setup()" in out["warned"][0], out
 
 
-FORWARD_GRAD = """
+IMPORT_ONLY = """
+import json, os, sys
+env = dict(os.environ)
 import loreft
+out = {"mlx_after_import": "mlx.core" in sys.modules}
+from loreft import ReftConfig, attach  # the names load MLX on first use, still without the fast BLAS
+import mlx.core as mx
+mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))
+out["env_same"] = dict(os.environ) == env
+out["mapped_before_setup"] = %s and any("%s" in line for line in open("/proc/self/maps"))
+""" % (LINUX, LIB)
+
+
+def test_import_loreft_changes_nothing():
+    out = run_child(IMPORT_ONLY)
+    assert out["mlx_after_import"] is False, out  # the package itself imports no MLX
+    assert out["env_same"] and out["mapped_before_setup"] is False, out
+
+
+FORWARD_GRAD = SETUP + """
 import json, sys
 import numpy as np
 import mlx.core as mx
@@ -150,7 +175,7 @@ out = {"loss": float(loss), "logits": np.array(model(tokens[:, :-1])[0, -1]).tol
 def test_mlx_lm_forward_and_grad_match_stock_blas(tmp_path):
     """The same tiny llama gives the same loss, logits and gradient norms with MKL as with MLX's own BLAS."""
     build = (
-        "import loreft, json, sys\nfrom loreft.demo import build_tiny_model\n"
+        SETUP + "import json, sys\nfrom loreft.demo import build_tiny_model\n"
         "build_tiny_model(sys.argv[1], hidden_size=64, num_layers=2, intermediate_size=128)\nout = {}"
     )
     run_child(build, str(tmp_path))

@@ -45,7 +45,7 @@ def trained(tmp_path_factory, tiny_model_dir, data_file):
 def test_train_reads_yaml_and_flags_win(trained, tiny_model_dir, capsys):
     meta = read_adapter_config(trained)
     assert meta["rank"] == 2  # flag over YAML's 3
-    assert (meta["reft_config"]["positions"], meta["layers"]) == ("l1", [1])  # from YAML
+    assert (meta["config"]["positions"], meta["layers"]) == ("l1", [1])  # from YAML
     assert meta["formatting"]["prompt_template"] == "Q: {{instruction}}\nA: "
     args = json.loads((trained / "training_args.json").read_text())
     assert args["total_steps"] == 6 and args["train"]["batch_size"] == 2

@@ -14,15 +14,27 @@ from loreft.data import (
     DataError,
     Example,
     Formatter,
-    build,
     check_enough,
     collate,
     iterate_batches,
     load_splits,
     num_batches,
-    padding_fraction,
     tokenize_rows,
 )
+
+
+def padding_fraction(batches) -> float:
+    """Share of token slots in these batches that are padding."""
+    slots = real = 0
+    for b in batches:
+        slots += b.tokens.size
+        real += int(b.lengths.sum())
+    return (slots - real) / slots if slots else 0.0
+
+
+def target_tokens(batch: Batch) -> int:
+    """Completion tokens in a batch, from its lengths (independently of its loss mask)."""
+    return int((batch.lengths - batch.prompt_lengths).sum())
 
 ROWS = [{"prompt": f"Question number {i}?", "completion": f"Answer {i}."} for i in range(10)]
 
@@ -263,7 +275,10 @@ def test_build_end_to_end_with_demo_templates(tmp_path, tiny_tokenizer):
 
     _write(tmp_path / "train.jsonl", DEMO_ROWS, "jsonl")
     fmt = Formatter(tiny_tokenizer, DEMO_PROMPT_TEMPLATE, DEMO_COMPLETION_TEMPLATE)
-    examples, stats = build(str(tmp_path), tiny_tokenizer, fmt, max_seq_length=128)
+    splits = load_splits(str(tmp_path), valid_fraction=0.2, seed=0)
+    examples, stats = {}, {}
+    for name, rows in splits.items():
+        examples[name], stats[name] = tokenize_rows(rows, fmt, tiny_tokenizer, 128, "left", split=name)
     assert {k: len(v) for k, v in examples.items()} == {"train": 8, "valid": 2}
     assert stats["train"]["rows"] == 8
     decoded = {tiny_tokenizer.decode(e.prompt) for e in examples["train"] + examples["valid"]}
@@ -301,7 +316,7 @@ def test_loss_mask_covers_exactly_completion_tokens(tiny_tokenizer):
             if t + 1 < len(ex.prompt) or t + 1 >= ex.length:
                 assert mask[b, t] == 0
         assert (batch.tokens[b, ex.length:] == tok.pad_token_id).all()
-    assert mask.sum() == batch.num_target_tokens == sum(len(e.completion) for e in examples)
+    assert mask.sum() == target_tokens(batch) == sum(len(e.completion) for e in examples)
 
 
 @pytest.mark.parametrize("longest, width", [(512, 513), (513, 513), (514, 545), (2, 33), (33, 33), (34, 65)])
@@ -385,5 +400,5 @@ def test_batch_helpers_on_a_hand_made_batch():
     b = Batch(np.array([[9, 8, 7, 6, 0], [9, 8, 7, 0, 0]], np.int32), np.array([2, 1], np.int32), np.array([4, 3], np.int32))
     expected = np.array([[0, 1, 1, 0], [1, 1, 0, 0]], np.float32)  # targets t+1 in [prompt_len, length)
     np.testing.assert_array_equal(b.loss_mask(), expected)
-    assert b.num_target_tokens == 4
+    assert target_tokens(b) == 4
     assert padding_fraction([b]) == pytest.approx(3 / 10)

@@ -37,7 +37,7 @@ def p64(iv, name: str) -> np.ndarray:
 
 
 def reference(kind: str, iv, h: np.ndarray, act: str = "linear") -> np.ndarray:
-    """The LOREFT.md table in float64, rows of h as hidden states (R is stored d x r, as pyreft does)."""
+    """The paper's intervention formulas in float64, rows of h as hidden states (R is stored d x r, as pyreft does)."""
     f = NP_ACTS[act]
     h = np.asarray(h, np.float64)
     if kind in ("loreft", "direft", "consreft", "lobireft"):

@@ -29,7 +29,7 @@ FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
 
-# Trainable parameters of one intervention, from the LOREFT.md table (R and W are r x d, b is r).
+# Trainable parameters of one intervention, from the paper's definitions (R and W are r x d, b is r).
 PER_INTERVENTION = {
     "loreft": lambda d, r: 2 * r * d + r,
     "noreft": lambda d, r: 2 * r * d + 2 * r,

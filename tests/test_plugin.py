@@ -236,7 +236,7 @@ def test_harness_trains_once_reports_and_saves(workspace, tiny_model_dir):
 
     adapter = Path(config["adaptor_output_dir"])
     meta = read_adapter_config(adapter)
-    assert (meta["rank"], meta["layers"], meta["reft_config"]["positions"]) == (2, [0, 2], "f2+l2")
+    assert (meta["rank"], meta["layers"], meta["config"]["positions"]) == (2, [0, 2], "f2+l2")
     assert meta["formatting"]["prompt_template"] == "Q: {{instruction}}\nA: "
     import mlx_lm
 

@@ -6,7 +6,20 @@ import pytest
 
 from loreft.model import apply_interventions
 from loreft.interventions import LoreftIntervention
-from loreft.positions import dense_mask, prompt_locations
+from loreft.positions import Locations, prompt_locations
+
+
+def dense_mask(locations: Locations, seq_len: int) -> np.ndarray:
+    """(B, seq_len) count of edits each position receives."""
+    B = next(iter(locations.groups.values()))[0].shape[0]
+    mask = np.zeros((B, seq_len), np.int32)
+    for idx, ok in locations.groups.values():
+        idx, ok = np.array(idx), np.array(ok)
+        for b in range(B):
+            for i, v in zip(idx[b], ok[b]):
+                if v:
+                    mask[b, i] += 1
+    return mask
 
 
 def expected_mask(lengths, first_n, last_n, seq_len, offsets=None):

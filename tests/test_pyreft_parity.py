@@ -23,7 +23,7 @@ import loreft.interventions as interventions_module
 from loreft import ReftConfig, attach
 from loreft.generate import batch_generate, stream_responses
 from loreft.interventions import ROTATION_INIT_SCALE
-from loreft.trainer import completion_loss
+from loreft.loss import completion_loss
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BASE = FIXTURES / "pyreft_base"

@@ -15,8 +15,8 @@ import loreft.trainer as trainer_module
 from loreft.data import Example, Formatter, collate, pad_id_for, tokenize_rows
 from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
 from loreft.reporting import Callback
-from loreft.trainer import (NonFiniteLossError, completion_loss, make_optimizer, stage_batches, supervised_positions,
-                            train)
+from loreft.loss import completion_loss, stage_batches, supervised_positions
+from loreft.trainer import LoopOptions, NonFiniteLossError, make_optimizer, train
 
 REFT = ReftConfig(layers="1;2", rank=2, positions="f1+l1", seed=0)
 
@@ -294,27 +294,27 @@ def test_staged_inputs_are_each_batchs_own_arrays(tiny_model_dir):
     batches = [collate([Example(p, c) for p, c in r], pad_id=0, pad_to=8) for r in rows]
     staged = stage_batches(reft, batches)
     assert len(staged) == 2
-    for batch, (tokens, mask, locs, picks, total) in zip(batches, staged):
+    for batch, (tokens, mask, locs, supervised, total) in zip(batches, staged):
         host = reft.locations(batch.prompt_lengths, host=True).as_arrays()
-        want_picks = supervised_positions(batch.loss_mask())
+        want = supervised_positions(batch.loss_mask())
         assert tokens.dtype == mx.int32 and np.array_equal(np.array(tokens), batch.tokens)
         assert mask.dtype == mx.float32 and np.array_equal(np.array(mask), batch.loss_mask())
         assert len(locs) == len(host) and all(
             a.dtype == (mx.float32 if h.dtype == np.float32 else mx.int32) and np.array_equal(np.array(a), h)
             for a, h in zip(locs, host))
-        assert (picks is None) == (want_picks is None)
-        if picks is not None:
-            assert np.array_equal(np.array(picks), want_picks)
+        assert (supervised is None) == (want is None)
+        if supervised is not None:
+            assert np.array_equal(np.array(supervised), want)
         assert total.shape == () and total.item() == int(batch.lengths.sum())
-    assert staged[0][3] is not None and staged[1][3] is None  # 3/4+ supervised: full logits, no picks
+    assert staged[0][3] is not None and staged[1][3] is None  # 3/4+ supervised: full logits, no positions
 
 
-def test_upload_chunk_size_does_not_change_training(tiny_model_dir, examples, tmp_path, monkeypatch):
+def test_upload_chunk_size_does_not_change_training(tiny_model_dir, examples, tmp_path):
     ex, pad = examples
     runs = []
     for size in (32, 5, 1):
-        monkeypatch.setattr(trainer_module, "STAGE_STEPS", size)
-        train(fresh(tiny_model_dir), ex, None, cfg(epochs=2), tmp_path / str(size), pad_id=pad)
+        train(fresh(tiny_model_dir), ex, None, cfg(epochs=2), tmp_path / str(size), pad_id=pad,
+              options=LoopOptions(stage_steps=size))
         runs.append(mx.load(str(tmp_path / str(size) / "adapter.safetensors")))
     for other in runs[1:]:
         for k in runs[0]:

@@ -1,6 +1,6 @@
 """The training step's speed levers change nothing but speed: same loss, same gradients, same update.
 
-Logits at supervised positions only (output_head + supervised_positions), the fused cross-entropy
+Logits at supervised positions only (split_at_head + supervised_positions), the fused cross-entropy
 gradient (token_cross_entropy) and one batched Gram-Schmidt pass for every R (batched_rotations) are
 each checked against the plain computation or an independent float64 reference.
 """
@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 from loreft import ReftConfig, TrainConfig, attach
 from loreft.demo import build_tiny_model
 from loreft.interventions import batched_rotations, orthonormalize
-from loreft.trainer import _make_step, completion_loss, output_head, supervised_positions, token_cross_entropy
+from loreft.loss import completion_loss, split_at_head, supervised_positions, token_cross_entropy
+from loreft.trainer import make_step
 
 REFT = ReftConfig(layers="all", rank=3, positions="f2+l2", seed=1)
 
@@ -54,22 +55,22 @@ def test_logits_at_supervised_positions_give_the_same_loss_and_gradients(model_d
     model, _ = mlx_lm.load(str(model_dirs[name]))
     reft = attach(model, REFT)
     tokens, mask, prompt = batch(model.args.vocab_size)
-    head = output_head(model)
+    head = split_at_head(model)
     assert head is not None, "a plain mlx-lm layout must get the sparse path"
     body, lm_head = head
     seen = []
     counted = (body, lambda h: (seen.append(h.shape[0]), lm_head(h))[1])
-    picks = supervised_positions(mask)
-    assert picks is not None and len(picks) < mask.size
+    supervised = supervised_positions(mask)
+    assert supervised is not None and len(supervised) < mask.size
     reft.set_locations(reft.locations(prompt))
     m = mx.array(mask)
     full = completion_loss(model, tokens, m)
-    sparse = completion_loss(model, tokens, m, mx.array(picks), counted)
-    assert seen == [len(picks)], "the LM head must run on the picked positions only"
+    sparse = completion_loss(model, tokens, m, mx.array(supervised), counted)
+    assert seen == [len(supervised)], "the LM head must run on the picked positions only"
     assert sparse[0].item() == pytest.approx(full[0].item(), rel=1e-6)
     assert sparse[1].item() == full[1].item() == mask.sum()
     g_full = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m)[0])
-    g_sparse = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m, mx.array(picks), head)[0])
+    g_sparse = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m, mx.array(supervised), head)[0])
     assert g_full.keys() == g_sparse.keys() and len(g_full) == len(model.layers) * 2 * 3  # layers x groups x (R, W, b)
     for k in g_full:
         np.testing.assert_allclose(g_sparse[k], g_full[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -78,8 +79,8 @@ def test_logits_at_supervised_positions_give_the_same_loss_and_gradients(model_d
 
 def test_unknown_head_layouts_fall_back_to_full_logits(model_dirs):
     model, _ = mlx_lm.load(str(model_dirs["cohere_scaled"]))  # cohere scales its logits after the head
-    assert output_head(model) is None
-    assert output_head(nn.Linear(4, 4)) is None  # not an mlx-lm causal LM at all
+    assert split_at_head(model) is None
+    assert split_at_head(nn.Linear(4, 4)) is None  # not an mlx-lm causal LM at all
 
 
 def test_supervised_positions_cover_every_target_once():
@@ -87,15 +88,15 @@ def test_supervised_positions_cover_every_target_once():
     for fraction in (0.01, 0.1, 0.3, 0.6, 0.74):
         mask = (rng.random((4, 63)) < fraction).astype(np.float32)
         mask[0, 0] = 1.0
-        picks = supervised_positions(mask)
-        if picks is None:
+        supervised = supervised_positions(mask)
+        if supervised is None:
             assert mask.mean() > 0.6  # only when bucketing up passes 3/4 of the grid
             continue
         flat = mask.reshape(-1)
-        hits = picks[flat[picks] > 0]
+        hits = supervised[flat[supervised] > 0]
         assert sorted(hits.tolist()) == np.flatnonzero(flat).tolist()  # each supervised target exactly once
-        assert len(picks) <= 3 * flat.size // 4
-        assert len(picks) in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
+        assert len(supervised) <= 3 * flat.size // 4
+        assert len(supervised) in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
     assert supervised_positions(np.ones((2, 9), np.float32)) is None
     assert supervised_positions(np.concatenate([np.ones((2, 8)), np.zeros((2, 1))], 1).astype(np.float32)) is None
 
@@ -154,9 +155,9 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
         opt.init(model.trainable_parameters())
         locs = reft.locations(prompt)
         if fast:
-            step, state = _make_step(reft, opt, TrainConfig(learning_rate=1e-2))
-            picks = supervised_positions(mask)
-            loss, *_ = step(tokens, mx.array(mask), locs.as_arrays(), mx.array(picks), mx.array(tokens.size), None, True)
+            step, state = make_step(reft, opt, TrainConfig(learning_rate=1e-2))
+            supervised = supervised_positions(mask)
+            loss, *_ = step(tokens, mx.array(mask), locs.as_arrays(), mx.array(supervised), mx.array(tokens.size), None, True)
             mx.eval(state, loss)
         else:
             reft.set_locations(locs)

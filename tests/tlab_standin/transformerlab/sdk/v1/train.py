@@ -1,6 +1,6 @@
 """STAND-IN for TransformerLab's plugin SDK `transformerlab.sdk.v1.train` (tests only; not TransformerLab's code).
 
-Follows the documented contract of the plugin-era SDK (shared/TRANSFORMERLAB.md):
+Follows the documented contract of the plugin-era SDK:
 - `tlab_trainer.params`: a dict with attribute access (missing keys read as None), filled from the
   command line (--input_file, --job_id, ...) and from the input file's "config" (values the command
   line did not set).

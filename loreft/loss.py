@@ -1,0 +1,146 @@
+"""The training loss: next-token cross-entropy summed over completion tokens, with the LM head run only where it counts."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .data import Batch
+from .model import Reft
+
+PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct shapes
+
+
+@mx.custom_function
+def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Next-token cross-entropy per position, in float32 from logits of any dtype (nn.losses.cross_entropy's value)."""
+    x = logits.astype(mx.float32)
+    return mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+
+
+@token_cross_entropy.vjp
+def _token_cross_entropy_vjp(primals, cotangent, output):
+    # softmax - one_hot in one fused elementwise pass over the logits, straight to their dtype: the generic
+    # vjp keeps float32 logits alive and adds a scattered one-hot, several passes over a (tokens, vocab) array
+    logits, targets = primals
+    x = logits.astype(mx.float32)
+    lse = output + mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+    g = cotangent[..., None]
+    grad = mx.exp(x - lse[..., None]) * g - (mx.arange(x.shape[-1]) == targets[..., None]) * g
+    return grad.astype(logits.dtype), mx.zeros_like(targets)
+
+
+def completion_loss(
+    model: nn.Module, tokens: mx.array, mask: mx.array, supervised: mx.array | None = None,
+    split: tuple[Callable, Callable] | None = None, cross_entropy: Callable = token_cross_entropy,
+) -> tuple[mx.array, mx.array]:
+    """(sum of next-token cross-entropy over the masked targets, number of targets).
+
+    With supervised (supervised_positions of the mask) and split (split_at_head of the model), the LM head
+    runs only at the supervised positions: the same loss, without the vocabulary-sized logits of the others.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if supervised is None or split is None:
+        ce = cross_entropy(model(inputs), targets) * mask
+        return ce.sum(), mask.sum()
+    body, lm_head = split
+    hidden = body(inputs)
+    hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), supervised, axis=0)  # (n_supervised, d)
+    ce = cross_entropy(lm_head(hidden), targets.reshape(-1)[supervised])
+    return (ce * mask.reshape(-1)[supervised]).sum(), mask.sum()
+
+
+def split_at_head(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """(body, head) with model(x) == head(body(x)), checked on a few tokens; None where unsure.
+
+    Covers mlx-lm's usual layout: model.model gives the final hidden states, then lm_head or the tied
+    embedding (embed_tokens.as_linear), with gemma-style final logit softcapping. Anything else (an
+    extra scale, a wrapper) fails the check, and the loss then computes the full logits.
+    """
+    body = getattr(model, "model", None)
+    if not isinstance(body, nn.Module):
+        return None
+    if isinstance(getattr(model, "lm_head", None), nn.Module):
+        head = model.lm_head
+    elif hasattr(getattr(body, "embed_tokens", None), "as_linear"):
+        head = body.embed_tokens.as_linear
+    else:
+        return None
+    cap = getattr(model, "final_logit_softcapping", None) or getattr(getattr(model, "args", None), "final_logit_softcapping", None)
+    if cap:
+        head = _softcapped(head, cap)
+    try:
+        probe = mx.array([[1, 2, 3, 0, 1]])
+        want, got = model(probe), head(body(probe))
+        same = want.shape == got.shape and mx.allclose(want.astype(mx.float32), got.astype(mx.float32), rtol=1e-5, atol=1e-5).item()
+    except Exception:  # an unusual signature or output: stay on the full-logits path
+        return None
+    return (body, head) if same else None
+
+
+def _softcapped(head, cap: float):
+    """gemma2-style final logit softcapping around an output head."""
+    return lambda h: mx.tanh(head(h) / cap) * cap
+
+
+def supervised_positions(mask: np.ndarray) -> np.ndarray | None:
+    """Flat indices of a (B, T) loss mask's supervised targets, for computing logits there only.
+
+    Padded with an unsupervised index (weight 0) to one of a few sizes (1/64 .. 6/8 of B*T), so the compiled
+    step sees few shapes; None when more than 3/4 are supervised (the full logits then cost about the same).
+    """
+    flat = mask.reshape(-1)
+    hits = np.flatnonzero(flat)
+    sizes = [flat.size // 64, flat.size // 32, flat.size // 16] + [flat.size * k // 8 for k in range(1, 7)]
+    size = next((s for s in sizes if s >= max(len(hits), 1)), None)
+    if size is None or len(hits) == flat.size:
+        return None
+    pad = np.full(size - len(hits), np.flatnonzero(flat == 0)[0])
+    return np.concatenate([hits, pad]).astype(np.int32)
+
+
+def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None, mx.array]:
+    """The training step's inputs for one batch: tokens, loss mask, intervention locations, supervised positions, token count."""
+    return stage_batches(reft, [batch])[0]
+
+
+def stage_batches(reft: Reft, batches: Sequence[Batch]) -> list[tuple]:
+    """batch_arrays for several batches, all views of one uploaded array.
+
+    On CUDA, an array made from host data may take a cached device buffer of its size, which MLX then
+    moves to unified memory with a copy that waits for the GPU: one upload for many steps' inputs, rather
+    than six per step, keeps the host from stalling while it queues work (bench/step_timing.py).
+    """
+    pieces, layout, offset = [], [], 0
+    for batch in batches:
+        mask = batch.loss_mask()
+        supervised = supervised_positions(mask)
+        total = np.array(batch.lengths.sum(), np.int32)
+        arrays = [batch.tokens, mask, *reft.locations(batch.prompt_lengths, host=True).as_arrays(), supervised, total]
+        layout.append([])
+        for a in arrays:
+            if a is None:
+                layout[-1].append(None)
+                continue
+            a = np.asarray(a, np.float32 if a.dtype.kind == "f" else np.int32)
+            layout[-1].append((offset, a.shape, a.dtype))
+            pieces.append(np.ascontiguousarray(a.reshape(-1)).view(np.int32))  # floats travel as their bits
+            offset += a.size
+    flat = mx.array(np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
+
+    def view(entry):
+        if entry is None:
+            return None
+        start, shape, dtype = entry
+        part = flat[start:start + math.prod(shape)]
+        return (part.view(mx.float32) if dtype == np.float32 else part).reshape(shape)
+
+    staged = []
+    for entries in layout:
+        tokens, mask, *locs, supervised, total = [view(e) for e in entries]
+        staged.append((tokens, mask, locs, supervised, total))
+    return staged
