@@ -26,6 +26,7 @@ GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8:
 SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 ARCHITECTURES = ("llama",)  # llama.cpp writes Llama 1-3, Mistral, SmolLM and TinyLlama files as "llama"
 PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe")
+FORMAT_VERSION = 1  # of the folders convert() writes; raise it when they change (cached conversions are redone)
 
 # llama.cpp tensor names -> mlx-lm llama names
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

@@ -25,12 +25,13 @@ def cache_root() -> Path:
 
 
 def converted_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """The mlx-lm folder for a GGUF file, converted on first use (the key: the file's path, size and mtime)."""
+    """The mlx-lm folder for a GGUF file, converted on first use (key: the file's path, size and mtime, and the
+    importer's FORMAT_VERSION, so a changed importer converts again)."""
     from . import gguf
 
     path = Path(path).expanduser().resolve()
     stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{gguf.__name__}-1"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{gguf.FORMAT_VERSION}"
     folder = Path(cache_dir or cache_root()) / f"gguf-{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if not (folder / "config.json").is_file():
         gguf.convert(path, folder)
