@@ -15,6 +15,8 @@ stamp="$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    # the archived TransformerLab server's SDK pin, for the test that installs the plugin the way it does
+    "$VENV/bin/python" -m pip download --quiet --no-deps --dest "$VENV/wheels" "transformerlab==0.0.45"
     touch "$stamp"
 fi
 

@@ -1,7 +1,7 @@
 """Entry point for TransformerLab (plugin and task) and the command line; the work is done in loreft/.
 
 - Plugin: the app's harness imports this file as `main` and calls main() with --input_file in argv.
-- Task: task.yaml runs `python main.py` inside a TransformerLab job (_TFL_JOB_ID, TFL_* set).
+- Task: task.yaml runs `exec python main.py` inside a TransformerLab job (_TFL_JOB_ID, TFL_* set).
 - Anywhere else: `python main.py --model ... --data ...` is `loreft train --model ... --data ...`.
 Importing this file does nothing: the harness imports it and then calls main(), so training runs once.
 """
@@ -21,8 +21,7 @@ def main(argv=None) -> int:
     if runtime == "plugin":
         from loreft.transformerlab import run_plugin
 
-        run_plugin()
-        return 0
+        return run_plugin()
     if runtime == "task":
         from loreft.transformerlab import run_task
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import time
 from pathlib import Path
@@ -20,6 +21,17 @@ from .model import Reft
 from .reporting import TENSORBOARD_DIR, Callback, write_metrics
 
 
+def release_cached_memory() -> None:
+    """Give the device the free buffers MLX keeps for reuse, at the boundaries of a run's phases.
+
+    MLX keeps every freed buffer for the next allocation of its size: within training that is what makes steps
+    fast, but across phases (evaluation, saving, the end) one phase's buffers would stay reserved on top of the
+    next one's, and the process holds them until it exits (which is what nvidia-smi shows). Clearing at phase
+    boundaries costs one re-allocation of the step's buffers per evaluation or save, not one per step.
+    """
+    mx.clear_cache()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
@@ -30,7 +42,7 @@ class Bookkeeper:
     def __init__(self, reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, *, group, adapter_dir: Path,
                  total_steps: int, steps_per_epoch: int, callbacks: list[Callback], valid_set: Sequence[Example] | None,
                  test_set: Sequence[Example] | None, pad_id: int, saved: dict | None, last_checkpoint: Path | None,
-                 adapter_kw: dict, test_metrics_fn: Callable | None = None):
+                 adapter_kw: dict, test_metrics_fn: Callable | None = None, stale_checkpoints: Path | None = None):
         self.reft, self.optimizer, self.cfg, self.group = reft, optimizer, cfg, group
         self.is_main = group.rank() == 0  # only rank 0 writes files and calls callbacks
         self.adapter_dir, self.total_steps, self.steps_per_epoch = adapter_dir, total_steps, steps_per_epoch
@@ -41,6 +53,8 @@ class Bookkeeper:
         self.history = saved.get("history", [])  # train reports and evaluations, resumed with the checkpoint
         self.trained_tokens_before = saved.get("trained_tokens", 0)  # all ranks' tokens before this run's first step
         self.last_checkpoint = last_checkpoint
+        # another run's checkpoints in adapter_dir: never kept, resumed or reported; removed at this run's first
+        self.stale_checkpoints = stale_checkpoints
         # the best evaluation so far ({"step", "metric", "value"}) and the weights after that step
         self.best, self.best_weights = saved.get("best"), saved.get("best_weights")
         self.evals_without_improvement = saved.get("evals_without_improvement", 0)
@@ -161,8 +175,11 @@ class Bookkeeper:
             write_metrics(rows, tmp / "metrics.jsonl")
 
         path = self.adapter_dir
+        release_cached_memory()
         if self.is_main:
-            path = save_adapter(self.reft, path, write_extras=extras, keep=(CHECKPOINTS, TENSORBOARD_DIR), **self.adapter_kw)
+            keep = (TENSORBOARD_DIR,) if self.stale_checkpoints else (CHECKPOINTS, TENSORBOARD_DIR)
+            path = save_adapter(self.reft, path, write_extras=extras, keep=keep, **self.adapter_kw)
+        self.stale_checkpoints = None  # not carried into the new adapter folder
         if saved_step != step and self.last_checkpoint != checkpoint_folder(self.adapter_dir, step):
             self.reft.load_parameters(last)  # the last state, to resume from or compare with
             self.checkpoint(step)
@@ -171,10 +188,12 @@ class Bookkeeper:
 
     def evaluate(self, step: int, split: str, examples: Sequence[Example]) -> dict:
         """Loss and perplexity on a split (exact match too on test, where test_metrics_fn is given)."""
+        release_cached_memory()  # the training step's buffers are not needed while evaluating, nor eval's after
         metrics = evaluate_loss(self.reft.model, examples, self.cfg.batch_size, reft=self.reft, pad_id=self.pad_id,
                                 max_batches=self.cfg.max_eval_batches if split == "valid" else 0, group=self.group)
         if split == "test" and self.test_metrics_fn is not None:
             metrics.update(self.test_metrics_fn(examples))
+        release_cached_memory()
         row = {"kind": "eval", "split": split, "step": step, **metrics}
         self.history.append(row)
         for cb in self.callbacks:
@@ -186,8 +205,11 @@ class Bookkeeper:
         self.check_finite(done)  # this step's update may have gone bad: never save it
         folder = checkpoint_folder(self.adapter_dir, done)
         if self.is_main:
+            release_cached_memory()
+            if self.stale_checkpoints:
+                shutil.rmtree(self.stale_checkpoints)  # this run's first checkpoint: the folder is this run's from now on
             save_checkpoint(self.reft, self.optimizer, folder, done, self.trainer_state(), self.best_weights, **self.adapter_kw)
-        self.last_checkpoint = folder
+        self.last_checkpoint, self.stale_checkpoints = folder, None
         for cb in self.callbacks:
             cb.on_checkpoint(done, folder)
         return folder
@@ -214,7 +236,8 @@ class Bookkeeper:
             "kind": "train", "step": done, "epoch": step // self.steps_per_epoch,
             "loss": since["loss"] / max(since["targets"], 1),
             "learning_rate": lr.item(),
-            "tokens_per_sec": since["tokens"] / max(since["time"], 1e-9),
+            "tokens_per_sec": since["tokens"] / max(since["time"], 1e-9),  # every token of the rows, prompts too
+            "supervised_tokens_per_sec": since["targets"] / max(since["time"], 1e-9),  # the tokens the loss is on
             "trained_tokens": self.trained_tokens_before + self.seen_tokens,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "eta_s": (self.total_steps - done) * self.train_time / self.steps_done,

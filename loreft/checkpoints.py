@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .adapter import WEIGHTS_FILE, save_adapter
+from .adapter import AdapterError, read_weights, save_adapter
 from .model import Reft
 
 CHECKPOINTS = "checkpoints"  # the folder under the adapter folder
@@ -53,14 +53,19 @@ def load_checkpoint(reft: Reft, optimizer: optim.Optimizer, folder: str | Path) 
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a training checkpoint ({STATE_FILE} is missing)")
-    reft.load_parameters(mx.load(str(folder / WEIGHTS_FILE)))
-    saved = mx.load(str(folder / OPTIMIZER_FILE))
+    try:
+        reft.load_parameters(read_weights(folder))
+    except AdapterError:
+        raise
+    except ValueError as e:  # names or shapes of another run's interventions
+        raise AdapterError(f"checkpoint {folder} does not fit this run's interventions: {e}") from None
+    saved = read_weights(folder, OPTIMIZER_FILE)
     optimizer.init(reft.model.trainable_parameters())
     missing = [k for k, _ in tree_flatten(optimizer.state) if k not in saved]
     if missing:
-        raise ValueError(f"checkpoint {folder} does not match this run's optimizer (missing {missing[:3]})")
+        raise AdapterError(f"checkpoint {folder} does not match this run's optimizer (missing {missing[:3]})")
     optimizer.state = tree_map_with_path(lambda path, _: saved[path], optimizer.state)
     state = json.loads((folder / STATE_FILE).read_text())
     if (folder / BEST_FILE).is_file():
-        state["best_weights"] = mx.load(str(folder / BEST_FILE))
+        state["best_weights"] = read_weights(folder, BEST_FILE)
     return state

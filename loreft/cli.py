@@ -6,17 +6,20 @@
     loreft demo [--tiny]                                                  SmolLM2 (or the tiny random model), end to end
     loreft convert MODEL.gguf OUT_DIR                                     a GGUF file as an mlx-lm model folder
 
-Configuration errors are reported on one line, naming the parameter, with exit code 2, before any model loads.
+Bad input (a parameter, a data file, an adapter or model folder) is reported on one line naming the field,
+file or line, with exit code 2, before any model loads where it can be known then; --debug shows the traceback.
 main() applies loreft.backend.setup() first; this module imports nothing that loads MLX before that.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, check_number
 from .data import DataError
 from .job import PARAMETERS, PARAMS_BY_NAME, job_from_params
 
@@ -59,7 +62,9 @@ def read_yaml_params(path: str) -> dict:
     if not file.is_file():
         raise ConfigError("config", path, "no such file")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError("config", path, "not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError("config", path, f"not valid YAML ({e})") from None
     if not isinstance(data, dict):
@@ -80,25 +85,38 @@ def params_from_args(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything, then load, train and save; one summary line per result."""
+    import mlx.core as mx
+
     from .job import run_job
     from .reporting import ProgressBar, StopOnSignal
 
     job = job_from_params(params_from_args(args))  # fails here, before any model or data loads
-    print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
-          f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
-    stop = StopOnSignal()
+    quiet_datasets()
+    main_process = mx.distributed.init().rank() == 0  # under mlx.launch, rank 0 speaks for all
+    if main_process:
+        print(f"Training {job.reft.intervention} (rank {job.reft.rank}, layers {job.reft.layers}, positions "
+              f"{job.reft.positions}) on {job.model} with {job.data} -> {job.adapter_dir}")
+    # Ctrl-C or SIGTERM (kill, a scheduler's stop) ends training at the next step with the adapter saved
+    stop = StopOnSignal((signal.SIGINT, signal.SIGTERM)).install()
     try:
         summary = run_job(job, callbacks=[ProgressBar(), stop])
     finally:
         stop.restore()  # also when training fails
-    print_summary(summary)
+    if main_process:
+        print_summary(summary)
     return 0
+
+
+def quiet_datasets() -> None:
+    """No per-file 'Generating train split' progress bars from datasets: the CLI prints its own lines."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as loreft's one line
 
 
 def print_summary(summary: dict) -> None:
     """The run's result in a few lines."""
-    from .model import ParameterStats
-
     state = "stopped early" if summary.get("stopped") else "done"
     print(f"Training {state}: step {summary['steps']}/{summary['total_steps']}, "
           f"{summary['train_time_s']:.1f}s, train loss {_fmt(summary.get('train_loss'))}")
@@ -108,8 +126,7 @@ def print_summary(summary: dict) -> None:
         m = summary.get(split)
         if m:
             print(f"{split}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
-    print(ParameterStats(summary["trainable"], summary["total_parameters"]))
-    best = summary.get("best")
+    best = summary.get("best")  # the trainable share was shown when training started
     if best and summary.get("adapter_step") != summary["steps"]:
         print(f"Adapter saved to {summary['adapter']}: the best by {best['metric']} ({best['value']:.4f}), from step "
               f"{best['step']}; the last state is under its checkpoints folder")
@@ -126,18 +143,26 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str,
 
     Several adapters load onto the one base model and edit together (a ReftStack).
     """
-    from .adapter import load_adapter, read_adapter_config
+    from .adapter import AdapterError, base_model_warning, load_adapter, read_adapter_config, read_weights
+    from .job import check_model, load_model, model_shape  # (the loader lives in models.py)
     from .model import ReftStack
-    from .models import check_model, load_model
 
     paths = [adapters] if isinstance(adapters, str) else list(adapters)
-    meta = read_adapter_config(paths[0])
-    for p in paths[1:]:
-        read_adapter_config(p)  # each one is checked before the model loads
+    metas = [read_adapter_config(p) for p in paths]  # each one is checked before the model loads
+    for p in paths:
+        read_weights(p)
+    meta = metas[0]
     name = model or meta.get("base_model")
     if not name:
         raise ConfigError("model", name, "the adapter does not record its base model; pass --model")
-    check_model(name)
+    shape = model_shape(check_model(name))
+    for p, m in zip(paths, metas):
+        if shape and shape != (m["hidden_size"], m["num_layers"]):  # known from config.json: no need to load it
+            raise AdapterError(f"adapter {p} was trained on a model with hidden size {m['hidden_size']} and "
+                               f"{m['num_layers']} layers; {name} has hidden size {shape[0]} and {shape[1]} layers")
+        warning = base_model_warning(m, name, p)
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     base, tokenizer = load_model(name, dtype, dequantize)
     refts = [load_adapter(base, p) for p in paths]
     return base, tokenizer, refts[0] if len(refts) == 1 else ReftStack(refts), meta
@@ -145,8 +170,9 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str,
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream a completion for each prompt, formatted as the adapter's training prompts were."""
-    from .generate import format_prompt, stream_generate
+    from .generate import check_sampling, format_prompt, stream_generate
 
+    check_sampling(args.max_tokens, args.temp, args.top_p)
     model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype, args.dequantize)
     formatting = None if args.raw else meta.get("formatting")
     options = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p, "seed": args.seed}
@@ -164,14 +190,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an adapter on one split and write eval.json into the adapter folder."""
+    import tempfile
+
     from .data import Formatter, load_splits
     from .evaluate import evaluate, write_eval
 
-    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype, args.dequantize)
-    splits = load_splits(args.data, valid_fraction=0.0)
+    if len(args.adapter) > 1:
+        raise ConfigError("adapter", args.adapter, "eval scores one adapter at a time; run eval once per adapter")
+    adapter = args.adapter[0]
+    check_number("batch_size", args.batch_size, 1, integer=True)
+    check_number("max_examples", args.max_examples, 0, integer=True)
+    if args.max_tokens is not None:
+        check_number("max_tokens", args.max_tokens, 1, integer=True)
+    if Path(adapter).is_dir():
+        try:  # eval.json goes into the adapter folder: find out now, not after the evaluation
+            tempfile.TemporaryFile(dir=adapter).close()
+        except OSError as e:
+            raise ConfigError("adapter", adapter, f"cannot write eval.json there ({e.strerror or e})") from None
+    quiet_datasets()
+    sources: dict = {}
+    splits = load_splits(args.data, valid_fraction=0.0, sources=sources)  # before the model: bad data fails fast
     name = args.split if args.split != "auto" else next(s for s in ("test", "valid", "train") if s in splits)
     if name not in splits:
         raise DataError(f"{args.data} has no {name!r} split; it has: {', '.join(splits)}")
+    model, tokenizer, reft, meta = _load_with_adapter(adapter, args.model, args.dtype, args.dequantize)
     rows = splits[name]
     if args.max_examples:
         rows = rows.select(range(min(args.max_examples, len(rows)))) if hasattr(rows, "select") else rows[: args.max_examples]
@@ -179,9 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     formatter = Formatter(tokenizer, prompt_template=fmt.get("prompt_template"),
                           completion_template=fmt.get("completion_template"), chat_column=fmt.get("chat_column"))
     results = evaluate(model, tokenizer, reft, rows, formatter=formatter, batch_size=args.batch_size,
-                       generate=not args.no_generate, max_tokens=args.max_tokens, base=args.base)
+                       generate=not args.no_generate, max_tokens=args.max_tokens, base=args.base,
+                       source=sources.get(name), split=name)
     results["split"], results["data"] = name, str(args.data)
-    path = write_eval(args.adapter, results)
+    path = write_eval(adapter, results)
     print(f"{name}: {results['num_examples']} examples")
     for label in ("adapter", "base"):
         m = results.get(label)
@@ -227,11 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     def adapter_args(p, several=False):
-        if several:  # they edit together; the first one's prompt format and base model are used
-            p.add_argument("--adapter", required=True, action="append",
-                           help="adapter folder (written by loreft train); repeat to apply several at once")
-        else:
-            p.add_argument("--adapter", required=True, help="adapter folder (written by loreft train)")
+        # always collected as a list: several edit together (generate), or a second one is an error (eval)
+        p.add_argument("--adapter", required=True, action="append",
+                       help="adapter folder (written by loreft train)" + ("; repeat to apply several at once (the "
+                            "first one's prompt format and base model are used)" if several else ""))
         p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
         p.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
         p.add_argument("--dequantize", default="auto", choices=PARAMS_BY_NAME["dequantize"].enum,
@@ -274,40 +316,43 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", help="the .gguf file")
     conv.add_argument("out_dir", help="the model folder to write")
     conv.set_defaults(func=cmd_convert)
+    for command in sub.choices.values():  # every command, including ones added above this line
+        command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
-def _model_load_errors() -> tuple:
-    try:
-        from huggingface_hub.errors import (
-            HFValidationError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
-    except ImportError:
-        return ()
-    return (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError)
+def error_line(e: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for an error that ended a command: 2 for bad input, 1 for a fault."""
+    from .adapter import AdapterError
+    from .trainer import NonFiniteLossError
+
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    if isinstance(e, (ConfigError, DataError, AdapterError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return text, 2
+    if isinstance(e, NonFiniteLossError):
+        return text, 1
+    if isinstance(e, PermissionError):
+        return f"{text} (check the folder's permissions)", 2
+    if isinstance(e, OSError):
+        return f"{type(e).__name__}: {text}", 1
+    return f"{type(e).__name__}: {text} (run again with --debug to see where)", 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit code (2: bad configuration or data)."""
+    """Console entry point; returns the exit code (2: bad input, 1: training or another failure)."""
     from .backend import setup
 
     setup()  # before anything imports mlx.core
-    from .trainer import NonFiniteLossError
-
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" advisory: MLX needs none
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except _model_load_errors() as e:
-        print(f"{PROG}: error: could not load the model: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        message, code = error_line(e)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,59 @@ class ConfigError(ValueError):
         self.field = field_name
         self.value = value
         super().__init__(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def check_number(name: str, value: Any, minimum: float | None = None, maximum: float | None = None, *,
+                 integer: bool = False, above: float | None = None) -> int | float:
+    """value if it is a finite number (an int when integer) in [minimum, maximum] and > above; else ConfigError."""
+    bounds = [f"{op} {x}" for op, x in ((">", above), (">=", minimum), ("<=", maximum)) if x is not None]
+    rule = f"must be {'an integer' if integer else 'a finite number'} {' and '.join(bounds)}".rstrip()
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(name, value, rule)
+    if (above is not None and value <= above) or (minimum is not None and value < minimum) or \
+            (maximum is not None and value > maximum):
+        raise ConfigError(name, value, rule)
+    return value
+
+
+# The allowed range of every numeric ReftConfig / TrainConfig field: the one home of these bounds
+# (the parameter table, the CLI, YAML, TransformerLab and the library all check them here).
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "rank": (1, 1024),
+    "dropout": (0.0, 0.99),
+    "seed": (0, None),
+    "learning_rate": (1e-8, None),
+    "warmup_ratio": (0.0, 1.0),
+    "weight_decay": (0.0, None),
+    "batch_size": (1, None),
+    "grad_accumulation_steps": (1, None),
+    "epochs": (0, None),
+    "iters": (0, None),
+    "max_seq_length": (2, None),
+    "grad_clip": (0.0, None),
+    "steps_per_report": (1, None),
+    "steps_per_eval": (0, None),
+    "save_every": (0, None),
+    "max_eval_batches": (0, None),
+    "valid_fraction": (0.0, 0.9),
+    "early_stopping_patience": (0, None),
+    "early_stopping_min_delta": (0.0, None),
+}
+
+
+def check_limits(config: Any) -> None:
+    """check_number on every field of a config dataclass that LIMITS bounds (an int field must hold an int)."""
+    for f in dataclasses.fields(config):
+        if f.name in LIMITS:
+            check_number(f.name, getattr(config, f.name), *LIMITS[f.name], integer=type(f.default) is int)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """value if it is one of choices; else ConfigError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(name, value, f"choose one of {', '.join(repr(c) if c == '' else c for c in choices)}")
+    return value
 
 
 def parse_positions(spec: str) -> tuple[int, int]:
@@ -93,22 +147,17 @@ class ReftConfig:
 
     def validate(self, hidden_size: int | None = None, num_layers: int | None = None) -> "ReftConfig":
         """Check every field (against the model's shape when given); raise ConfigError on the first bad one."""
-        if self.intervention not in INTERVENTIONS:
-            raise ConfigError("intervention", self.intervention, f"choose one of {', '.join(INTERVENTIONS)}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError("rank", self.rank, "must be an integer >= 1")
+        check_choice("intervention", self.intervention, INTERVENTIONS)
+        check_limits(self)
         if hidden_size is not None and self.rank >= hidden_size:
             raise ConfigError("rank", self.rank, f"must be smaller than the model's hidden size {hidden_size}")
         parse_positions(self.positions)
         parse_layers(self.layers, num_layers)
         if not isinstance(self.share_weights, bool):
             raise ConfigError("share_weights", self.share_weights, "must be true or false")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", self.dropout, "must be a number in [0, 1)")
-        if self.act_fn not in ACTIVATIONS:
-            raise ConfigError("act_fn", self.act_fn, f"choose one of {', '.join(ACTIVATIONS)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError("seed", self.seed, "must be an integer")
+        if self.intervention == "consreft" and self.dropout:
+            raise ConfigError("dropout", self.dropout, "consreft has no dropout; set dropout=0 or choose another intervention")
+        check_choice("act_fn", self.act_fn, ACTIVATIONS)
         return self
 
     @property
@@ -151,46 +200,27 @@ class TrainConfig:
     best_metric: str = "eval_loss"  # the saved adapter is the best by this; "last": the last one
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: off)
     early_stopping_min_delta: float = 0.0  # the smallest change that counts as an improvement
+    grad_checkpoint: bool = False  # recompute each intervened block's activations in the backward pass
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError on the first bad one."""
-        def number(name, lo, hi=None, integer=False, lo_open=False):
-            v = getattr(self, name)
-            ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-            if isinstance(v, bool) or not ok_type or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
-                rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-                raise ConfigError(name, v, f"must be {'an integer' if integer else 'a number'} {rng}")
-
-        number("learning_rate", 0, lo_open=True)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError("lr_schedule", self.lr_schedule, f"choose one of {', '.join(LR_SCHEDULES)}")
-        number("warmup_ratio", 0, 1)
-        number("weight_decay", 0)
-        number("batch_size", 1, integer=True)
-        number("grad_accumulation_steps", 1, integer=True)
-        number("epochs", 0, integer=True)
-        number("iters", 0, integer=True)
+        check_limits(self)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("truncation", self.truncation, TRUNCATION)
+        check_choice("dtype", self.dtype, DTYPES)
         if self.epochs == 0 and self.iters == 0:
             raise ConfigError("epochs", self.epochs, "set epochs >= 1 or iters >= 1")
-        number("max_seq_length", 2, integer=True)
-        if self.truncation not in TRUNCATION:
-            raise ConfigError("truncation", self.truncation, f"choose one of {', '.join(TRUNCATION)}")
-        number("grad_clip", 0)
-        number("steps_per_report", 1, integer=True)
-        number("steps_per_eval", 0, integer=True)
-        number("save_every", 0, integer=True)
-        number("max_eval_batches", 0, integer=True)
-        number("seed", 0, integer=True)
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
-        number("valid_fraction", 0, 0.9)
-        if self.best_metric not in BEST_METRICS:
-            raise ConfigError("best_metric", self.best_metric, f"choose one of {', '.join(BEST_METRICS)}")
-        number("early_stopping_patience", 0, integer=True)
-        number("early_stopping_min_delta", 0)
+        check_choice("best_metric", self.best_metric, BEST_METRICS)
         if self.early_stopping_patience and self.best_metric == "last":
             raise ConfigError("best_metric", self.best_metric, "early stopping needs a metric to watch: choose "
                               "eval_loss, eval_perplexity or test_exact_match")
+        if not isinstance(self.grad_checkpoint, bool):
+            raise ConfigError("grad_checkpoint", self.grad_checkpoint, "must be true or false")
+        if self.save_every % self.grad_accumulation_steps:
+            # a checkpoint holds no half-accumulated gradient, so it is taken between optimizer updates
+            raise ConfigError("save_every", self.save_every, f"must be a multiple of grad_accumulation_steps="
+                              f"{self.grad_accumulation_steps}: steps count batches, and checkpoints are taken "
+                              "after an optimizer update")
         return self
 
     def to_dict(self) -> dict:

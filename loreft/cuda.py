@@ -1,8 +1,10 @@
-"""MLX CUDA backend settings that let the host queue a training step further ahead of the GPU (applied by backend.setup)."""
+"""MLX CUDA backend settings (applied by backend.setup): the CUDA graph size, so the host queues a training step
+further ahead of the GPU, and a kernel cache that lasts."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -23,3 +25,28 @@ def tune_cuda_graphs() -> bool:
         return False
     os.environ["MLX_MAX_OPS_PER_BUFFER"] = GRAPH_OPS
     return True
+
+
+# MLX compiles each distinct CUDA kernel the first time a process needs it (a LoReFT step needs about a hundred:
+# minutes on a fresh machine) and keeps the result under MLX_PTX_CACHE_DIR, by default in the system's temp
+# folder, which a new container, VM or reboot empties. A folder under the user's cache lasts.
+KERNEL_CACHE_ENV = "MLX_PTX_CACHE_DIR"
+
+
+def kernel_cache_dir() -> Path:
+    """The default kernel folder: $LOREFT_CACHE, else $XDG_CACHE_HOME/mlx-loreft or ~/.cache/mlx-loreft, then cuda-kernels/mlx-<version>."""
+    root = os.environ.get("LOREFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mlx-loreft"
+    return Path(root).expanduser() / "cuda-kernels" / f"mlx-{mx.__version__}"  # kernels differ between MLX versions
+
+
+def default_kernel_cache() -> str | None:
+    """Set MLX_PTX_CACHE_DIR to kernel_cache_dir() unless the user set it (read when MLX first compiles a kernel).
+
+    Returns the folder set, or None (not CUDA, or already set). MLX creates the folder; if it cannot, it
+    compiles without a cache, as before.
+    """
+    if KERNEL_CACHE_ENV in os.environ or not mx.cuda.is_available():
+        return None
+    path = str(kernel_cache_dir())
+    os.environ[KERNEL_CACHE_ENV] = path
+    return path

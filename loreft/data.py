@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .config import TRUNCATION, ConfigError
+from .config import TRUNCATION, ConfigError, check_choice, check_number
 
 
 class DataError(ValueError):
@@ -54,10 +55,117 @@ _SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val"
 def _load_file(path: Path):
     import datasets
 
-    return datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    if path.suffix.lower() != ".parquet":
+        _check_utf8(path)  # pyarrow loads invalid bytes and fails only when the row is read
+    try:
+        rows = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    except Exception as e:  # pyarrow / datasets errors name neither the file nor the line: find them
+        raise DataError(_explain_unreadable(path, e)) from None
+    if len(rows) == 0:
+        raise DataError(f"{path} holds no rows; add training examples (one JSON object per line for .jsonl)")
+    return rows
 
 
-def _load_folder(folder: Path) -> dict:
+def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Raise DataError naming the line of the first bytes in a text file that are not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise DataError(_explain_unreadable(path, e)) from None
+
+
+def _explain_unreadable(path: Path, error: Exception) -> str:
+    """Why datasets could not read this file: the first bad line, when the file's text shows it."""
+    kind = path.suffix.lower()
+    if kind != ".parquet":
+        raw = path.read_bytes()
+        if not raw.strip():
+            return f"{path} is empty; add training examples (one JSON object per line for .jsonl)"
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path} line {number}: bytes that are not UTF-8 at column {e.start + 1}; save the file as UTF-8"
+        text = raw.decode("utf-8")
+        if kind == ".jsonl" or (kind == ".json" and not text.lstrip().startswith(("[", "{"))):
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+                if not isinstance(row, dict):
+                    return f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one JSON object"
+        elif kind == ".json":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":  # several objects one per line: JSON Lines in a .json file
+                    return f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        elif kind == ".csv":
+            import csv
+
+            reader = csv.reader(io.StringIO(text, newline=""))
+            header = next(reader, [])
+            start = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(header):
+                    return f"{path} line {start}: {len(row)} fields, but the header has {len(header)}"
+                start = reader.line_num + 1
+    while error.__cause__ is not None or error.__context__ is not None:  # the innermost error says what was wrong
+        error = error.__cause__ or error.__context__
+    detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return f"{path}: cannot be read as {kind[1:]} ({detail}); check that every row has the same columns and types"
+
+
+@dataclass
+class RowSource:
+    """Where a split's rows come from, so an error about row i can name the file and line."""
+
+    path: Path | None = None  # the file, when the split is one local file
+    rows: list[int] | None = None  # row i of the split is row rows[i] of the file (a split-off share)
+
+    def describe(self, split: str, i: int) -> str:
+        """'data/train.jsonl line 7' (or 'train row 7' when no file line is known)."""
+        k = self.rows[i] if self.rows is not None else i
+        if self.path is None:
+            return f"{split} row {k + 1}" if self.rows is None else f"{split} row {i + 1} (row {k + 1} of the data)"
+        line = _line_of_row(self.path, k)
+        return f"{self.path} line {line}" if line is not None else f"{self.path} row {k + 1}"
+
+
+def _line_of_row(path: Path, k: int) -> int | None:
+    """The 1-based line where row k of a .jsonl or .csv file starts (None for other formats)."""
+    kind = path.suffix.lower()
+    if kind == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            seen = -1
+            for number, line in enumerate(f, 1):
+                seen += bool(line.strip())  # blank lines hold no row
+                if seen == k:
+                    return number
+    elif kind == ".csv":
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)  # the header
+            start = reader.line_num + 1
+            for index, _ in enumerate(reader):
+                if index == k:
+                    return start
+                start = reader.line_num + 1
+    return None
+
+
+def _load_folder(folder: Path, found_files: dict | None = None) -> dict:
     import datasets
 
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
@@ -80,11 +188,13 @@ def _load_folder(folder: Path) -> dict:
             f"{folder}: no data files found (it holds: {listing}); expected train.jsonl (or .json/.csv/.parquet), "
             "optionally valid.* / validation.* and test.*, or a folder written by datasets.save_to_disk"
         )
+    if found_files is not None:
+        found_files.update(found)
     return {name: _load_file(p) for name, p in found.items()}
 
 
-def _load_source(source: Any) -> dict:
-    """Any supported source -> {split name as found: datasets.Dataset}."""
+def _load_source(source: Any, files: dict | None = None) -> dict:
+    """Any supported source -> {split name as found: datasets.Dataset}; files gets {split name: local file}."""
     import datasets
 
     if isinstance(source, datasets.DatasetDict) or isinstance(source, dict):
@@ -97,10 +207,12 @@ def _load_source(source: Any) -> dict:
         raise ConfigError("dataset", source, "expected a local file or folder, or a Hugging Face dataset id")
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, files)
     if path.is_file():
         if path.suffix.lower() not in _BUILDERS:
             raise ConfigError("dataset", str(source), f"unsupported file type; use one of {', '.join(_BUILDERS)}")
+        if files is not None:
+            files["train"] = path
         return {"train": _load_file(path)}
     if path.suffix.lower() in _BUILDERS or str(source).startswith((".", "/", "~")):
         raise DataError(f"dataset file or folder not found: {source}")
@@ -112,27 +224,38 @@ def _load_source(source: Any) -> dict:
 
 
 def load_splits(
-    source: Any, *, valid_fraction: float = 0.2, seed: int = 0, splits: Iterable[str] = ("train", "valid", "test")
+    source: Any, *, valid_fraction: float = 0.2, seed: int = 0, splits: Iterable[str] = ("train", "valid", "test"),
+    sources: dict | None = None,
 ) -> dict:
-    """Load 'train' / 'valid' / 'test' datasets.Dataset splits; with no validation split, a seeded share of train."""
+    """Load 'train' / 'valid' / 'test' datasets.Dataset splits; with no validation split, a seeded share of train.
+
+    sources, when given, gets {split: RowSource}, for error messages that name a row's file and line.
+    """
     splits = tuple(splits)
     bad = [s for s in splits if s not in ("train", "valid", "test")]
     if bad:
         raise ConfigError("splits", splits, "choose from 'train', 'valid', 'test'")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ConfigError("valid_fraction", valid_fraction, "must be a number in [0, 1)")
-    raw = _load_source(source)
-    out = {}
+    check_number("valid_fraction", valid_fraction, 0.0, 0.9)
+    files: dict = {}
+    raw = _load_source(source, files)
+    out, origin = {}, {}
     for name, ds in raw.items():
         key = _SPLIT_NAMES.get(str(name).lower())
         if key and key not in out:
-            out[key] = ds
+            out[key], origin[key] = ds, RowSource(files.get(name))
     if "valid" in splits and "valid" not in out and "train" in out and valid_fraction > 0:
         n = len(out["train"])
-        if n < 2:
-            raise DataError(f"cannot split a validation set off a training split of {n} row(s); add rows or a valid split")
-        parts = out["train"].train_test_split(test_size=valid_fraction, seed=seed, shuffle=True)
-        out["train"], out["valid"] = parts["train"], parts["test"]
+        n_valid = math.ceil(valid_fraction * n)
+        if n_valid >= n:
+            raise DataError(f"cannot split a validation set off a training split of {n} row(s) with valid_fraction="
+                            f"{valid_fraction}; add rows, a valid split, or set valid_fraction=0")
+        # datasets' train_test_split draws the same permutation; done here to know each row's origin
+        order = np.random.default_rng(seed).permutation(n)
+        file = origin["train"].path
+        out["train"], out["valid"] = out["train"].select(order[n_valid:]), out["train"].select(order[:n_valid])
+        origin["train"], origin["valid"] = RowSource(file, order[n_valid:].tolist()), RowSource(file, order[:n_valid].tolist())
+    if sources is not None:
+        sources.update(origin)
     if "train" in splits and "train" not in out:
         raise DataError(f"{source}: no training split; found splits: {', '.join(map(str, raw)) or 'none'}")
     return {k: out[k] for k in ("train", "valid", "test") if k in splits and k in out}
@@ -154,7 +277,9 @@ def jinja_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # keep_trailing_newline: a prompt ending in "Response:\n" must keep its newline
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    # finalize: a null cell prints as nothing, not as "None" (a null completion is then caught as empty)
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False,
+                                         finalize=lambda value: "" if value is None else value)
 
 
 class Formatter:
@@ -268,13 +393,15 @@ class Formatter:
         return self._side("prompt", row), self._side("completion", row)
 
     def _side(self, side: str, row: dict) -> str:
-        from jinja2 import UndefinedError
+        from jinja2 import TemplateError, UndefinedError
 
         if side in self._compiled:
             try:
                 return self._compiled[side][1].render(row)
             except UndefinedError as e:
                 raise DataError(f"{side}_template: {e}; the row's columns are: {', '.join(row)}") from e
+            except (TemplateError, TypeError, ValueError) as e:  # e.g. a filter applied to a null value
+                raise DataError(f"{side}_template failed on this row ({type(e).__name__}: {e})") from e
         col = getattr(self, f"{side}_column")
         if col not in row:
             raise DataError(f"{side}_column {col!r} is missing; the row's columns are: {', '.join(row)}")
@@ -299,7 +426,12 @@ class Formatter:
             raise DataError(
                 f"the last message must be the assistant's (the completion); got role {messages[-1].get('role')!r}"
             )
-        prompt = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # the template's own checks, e.g. roles that must alternate
+            raise DataError(f"the tokenizer's chat template rejects these messages: {e}") from e
         return prompt, str(messages[-1].get("content") or "")
 
 
@@ -325,13 +457,16 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_rows(
-    rows, formatter: Formatter, tokenizer, max_seq_length: int, truncation: str = "left", split: str = "train"
+    rows, formatter: Formatter, tokenizer, max_seq_length: int, truncation: str = "left", split: str = "train",
+    source: RowSource | None = None,
 ) -> tuple[list[Example], dict]:
-    """Rows -> Examples (EOS appended to the completion) and stats {'rows', 'truncated', 'dropped'}."""
-    if truncation not in TRUNCATION:
-        raise ConfigError("truncation", truncation, f"choose one of {', '.join(TRUNCATION)}")
-    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
-        raise ConfigError("max_seq_length", max_seq_length, "must be an integer >= 2")
+    """Rows -> Examples (EOS appended to the completion) and stats {'rows', 'truncated', 'dropped'}.
+
+    source (from load_splits) lets an error about a row name its file and line.
+    """
+    check_choice("truncation", truncation, TRUNCATION)
+    check_number("max_seq_length", max_seq_length, 2, integer=True)
+    where = (lambda i: source.describe(split, i)) if source is not None else (lambda i: f"{split} row {i + 1}")
     if not isinstance(rows, (list, tuple)) and not hasattr(rows, "column_names"):
         rows = list(rows)
     if len(rows) == 0:
@@ -347,15 +482,15 @@ def tokenize_rows(
         try:
             prompt_text, completion_text = formatter(row)
         except DataError as e:
-            raise DataError(f"{split} row {i}: {e}") from e
+            raise DataError(f"{where(i)}: {e}") from None
         if not completion_text.strip():
-            raise DataError(f"{split} row {i} has an empty completion; every row needs text to learn")
+            raise DataError(f"{where(i)}: the completion is empty; every row needs text to learn")
         prompt = encode_prompt(tokenizer, prompt_text)
         completion = list(tokenizer.encode(completion_text, add_special_tokens=False))
         if not completion or completion[-1] != eos:
             completion.append(eos)
         if not prompt:
-            raise DataError(f"{split} row {i} has an empty prompt; interventions edit prompt tokens, so one is needed")
+            raise DataError(f"{where(i)}: the prompt is empty; interventions edit prompt tokens, so one is needed")
         if len(prompt) + len(completion) > max_seq_length:
             budget = max_seq_length - len(completion)
             if truncation == "drop" or budget < 1:
@@ -397,8 +532,7 @@ def collate(examples: list[Example], pad_id: int = 0, pad_to: int = 8) -> Batch:
     """
     if not examples:
         raise DataError("cannot collate an empty batch")
-    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
-        raise ConfigError("pad_to", pad_to, "must be an integer >= 1")
+    check_number("pad_to", pad_to, 1, integer=True)
     lengths = np.array([e.length for e in examples], np.int32)
     width = 1 + math.ceil((int(lengths.max()) - 1) / pad_to) * pad_to
     tokens = np.full((len(examples), width), pad_id, np.int32)
@@ -408,8 +542,7 @@ def collate(examples: list[Example], pad_id: int = 0, pad_to: int = 8) -> Batch:
 
 
 def _check_sharding(batch_size: int, rank: int, world_size: int, equal_shares: bool = True) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "must be an integer >= 1")
+    check_number("batch_size", batch_size, 1, integer=True)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError("rank", rank, f"must be in [0, world_size) with world_size >= 1 (world_size={world_size})")
     if equal_shares and batch_size % world_size:

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ConfigError
-from .data import Example, Formatter, iterate_batches, pad_id_for, tokenize_rows
+from .adapter import current_umask
+from .config import check_number
+from .data import Example, Formatter, RowSource, iterate_batches, pad_id_for, tokenize_rows
 from .generate import batch_generate
 from .loss import PAD_TO, completion_loss
 from .model import Reft
@@ -160,13 +161,14 @@ def match_scores(predictions: list[str], references: list[str]) -> dict:
 
 
 def as_examples(
-    tokenizer, data: Any, formatter: Formatter | None = None, max_seq_length: int = 2048, truncation: str = "left"
+    tokenizer, data: Any, formatter: Formatter | None = None, max_seq_length: int = 2048, truncation: str = "left",
+    source: RowSource | None = None, split: str = "eval",
 ) -> list[Example]:
     """Examples as given, or rows (list of dicts / datasets.Dataset) tokenized as training tokenizes them."""
     if isinstance(data, (list, tuple)) and data and all(isinstance(e, Example) for e in data):
         return list(data)
     formatter = formatter or Formatter(tokenizer)
-    examples, _ = tokenize_rows(data, formatter, tokenizer, max_seq_length, truncation, split="eval")
+    examples, _ = tokenize_rows(data, formatter, tokenizer, max_seq_length, truncation, split=split, source=source)
     return examples
 
 
@@ -185,18 +187,20 @@ def evaluate(
     base: bool = False,
     prefill_step_size: int = 2048,
     max_samples: int = 20,
+    source: RowSource | None = None,
+    split: str = "eval",
 ) -> dict:
     """Loss, perplexity and (with generate) exact-match rates of the adapter, and of the base model with base=True.
 
     data: Examples, or rows that formatter (default: auto-detected columns) turns into prompt / completion.
     Returns {"num_examples", "target_tokens", "adapter": {...}, "base": {...}, "samples": [...]}; the
     "adapter" entry is left out when reft is None (then "base" is the model as it is).
+    source and split (from load_splits) let an error about a row name its file and line.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "must be an integer >= 1")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ConfigError("max_tokens", max_tokens, "must be an integer >= 1, or None for the reference length + 8")
-    examples = as_examples(tokenizer, data, formatter, max_seq_length, truncation)
+    check_number("batch_size", batch_size, 1, integer=True)
+    if max_tokens is not None:  # None: the reference's length + EXTRA_TOKENS
+        check_number("max_tokens", max_tokens, 1, integer=True)
+    examples = as_examples(tokenizer, data, formatter, max_seq_length, truncation, source, split)
     pad_id = pad_id_for(tokenizer)
     references = reference_texts(tokenizer, examples)
     modes = ([("adapter", True)] if reft is not None else []) + ([("base", False)] if base or reft is None else [])
@@ -239,6 +243,7 @@ def write_eval(adapter_path: str | Path, results: dict, filename: str = EVAL_FIL
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; eval.json is an ordinary file
         os.replace(tmp, folder / filename)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

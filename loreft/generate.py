@@ -17,7 +17,7 @@ from mlx_lm.generate import GenerationResponse, PromptProcessingBatch, StopSeque
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .config import ConfigError
+from .config import ConfigError, check_number
 from .data import encode_prompt
 from .model import Reft
 from .positions import Locations
@@ -105,14 +105,12 @@ def editing(model: nn.Module, reft: Reft | None, locations: Locations | None):
         model.train(was_training)
 
 
-def _check_sampling(max_tokens, temp: float, top_p: float) -> None:
-    per_row = max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens]
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in per_row):
-        raise ConfigError("max_tokens", max_tokens, "must be an integer >= 1 (or one per prompt)")
-    if isinstance(temp, bool) or not isinstance(temp, (int, float)) or temp < 0:
-        raise ConfigError("temp", temp, "must be a number >= 0 (0 = greedy)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ConfigError("top_p", top_p, "must be a number in (0, 1]")
+def check_sampling(max_tokens, temp: float, top_p: float) -> None:
+    """Raise ConfigError unless max_tokens (one, or one per prompt), temp and top_p are usable."""
+    for m in max_tokens if isinstance(max_tokens, (list, tuple)) else [max_tokens]:  # one, or one per prompt
+        check_number("max_tokens", m, 1, integer=True)
+    check_number("temp", temp, 0)  # 0: greedy
+    check_number("top_p", top_p, None, 1, above=0)
 
 
 def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
@@ -137,7 +135,7 @@ def stream_responses(
 
     prompt: formatted text (see format_prompt) or token ids. reft=None leaves the model as it is.
     """
-    _check_sampling(max_tokens, temp, top_p)
+    check_sampling(max_tokens, temp, top_p)
     ids = _prompt_ids(tokenizer, prompt)
     locations = reft.locations([len(ids)]) if reft is not None else None
     sampler = make_sampler(temp=float(temp), top_p=float(top_p))
@@ -186,7 +184,7 @@ def batch_generate(
     prompt token goes through the first decode step; the edit is switched off right after it.
     edit=False runs the base model (reft's locations stay off) for side-by-side comparisons.
     """
-    _check_sampling(max_tokens, temp, top_p)
+    check_sampling(max_tokens, temp, top_p)
     prompts = [_prompt_ids(tokenizer, p) for p in prompts]
     if not prompts:
         return []

@@ -20,23 +20,41 @@ ACT_FNS = {
 }
 
 
+@mx.custom_function
+def unstack(x: mx.array) -> list[mx.array]:
+    """x[0], x[1], ...: the same slices, with one stack of their cotangents as the gradient.
+
+    The gradient of plain slicing is a zero-filled copy per slice, added up: one kernel per number of slices
+    (compiled separately on CUDA) and a pass over x per slice, where a stack is one copy.
+    """
+    return [x[i] for i in range(x.shape[0])]
+
+
+@unstack.vjp
+def _unstack_vjp(primals, cotangents, outputs):
+    return mx.stack(cotangents)
+
+
 def orthonormalize(a: mx.array) -> mx.array:
     """Orthonormal columns spanning a (d, r) matrix's columns: classical Gram-Schmidt run twice.
 
     Differentiable (plain ops, no QR), r sequential steps of O(d r) work; exact to float32 rounding,
     and the identity on a matrix whose columns are already orthonormal. A batch (..., d, r) is
     orthonormalized matrix by matrix in the same r steps (one pass for many interventions).
+    Every step works on the full (..., d, r) width (columns not yet made are zeros), so all r steps
+    and their gradients are the same few fused kernels: on CUDA each distinct kernel is compiled once.
     """
     a = a.astype(mx.float32)
-    cols: list[mx.array] = []
-    for v in mx.split(a, a.shape[-1], axis=-1):  # columns (..., d, 1), in order
-        if cols:
-            q = mx.concatenate(cols, axis=-1)
-            for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
-                # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
-                v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
-        cols.append(v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True)))
-    return mx.concatenate(cols, axis=-1)
+    r = a.shape[-1]
+    unit = mx.eye(r, dtype=a.dtype)
+    q = mx.zeros_like(a)  # the orthonormal columns made so far, zeros after them
+    for j, column in enumerate(unstack(mx.moveaxis(a, -1, 0))):
+        v = column[..., None]  # (..., d, 1)
+        for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
+            # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
+            v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
+        q = q + (v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True))) * unit[j]
+    return q
 
 
 @contextlib.contextmanager
@@ -55,8 +73,8 @@ def batched_rotations(interventions: Iterable["Intervention"]):
     try:
         for ivs in by_shape.values():
             rs = orthonormalize(mx.stack([iv.rotation for iv in ivs]))
-            for iv, r in zip(ivs, mx.split(rs, len(ivs), axis=0)):
-                object.__setattr__(iv, "_cached_rotation", r.squeeze(0))  # a plain attribute: never a parameter
+            for iv, r in zip(ivs, unstack(rs)):
+                object.__setattr__(iv, "_cached_rotation", r)  # a plain attribute: never a parameter
                 done.append(iv)
         yield
     finally:

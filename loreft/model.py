@@ -20,6 +20,7 @@ class _Context:
         self._locations: Locations | None = None
         self.seen: dict[int, int] = {}  # tokens each block has processed, for caches without an offset
         self.apply = None  # how blocks apply their interventions (None: apply_interventions)
+        self.recompute = False  # training: keep no activations inside the wrapped blocks (mx.checkpoint)
 
     @property
     def locations(self) -> Locations | None:
@@ -63,7 +64,9 @@ class ReftBlock(nn.Module):
         if offset is None:
             offset = self._context.seen.get(id(self), 0)
             self._context.seen[id(self)] = offset + x.shape[1]
-        h = self.block(x, *args, **kwargs)
+        # the wrapped block is frozen: checkpointing it needs no parameters passed in, only its inputs
+        block = mx.checkpoint(self.block) if self._context.recompute and self.training else self.block
+        h = block(x, *args, **kwargs)
         locations = self._context.locations
         if locations is None or (isinstance(offset, int) and offset >= locations.end):
             return h  # no edit here: decode steps after the prompt cost nothing extra
@@ -168,6 +171,10 @@ class Reft:
     def set_apply(self, apply=None) -> None:
         """Compute the edit with apply(h, interventions, locations, offset) instead of apply_interventions (None: back)."""
         self._context.apply = apply
+
+    def recompute_blocks(self, on: bool) -> None:
+        """Training only: recompute each intervened block's activations in the backward pass (less memory, more time)."""
+        self._context.recompute = on
 
     def parameters(self) -> dict[str, mx.array]:
         """Flat dict of every intervention parameter, e.g. 'layers.3.first.weight'."""

@@ -9,6 +9,7 @@ fit (MLX's CPU quantized matmuls do not use the BLAS and train many times slower
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -38,16 +39,53 @@ def converted_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Pat
     return folder
 
 
-def check_model(name: str) -> None:
-    """Fail early, with one line, on a .gguf file that is missing or that the importer cannot convert."""
-    from . import gguf
-
+def check_model(name: str) -> dict | None:
+    """Fail early, with one line, for a model that cannot be loaded: a missing folder or .gguf file, a folder
+    without a readable config.json, a GGUF file the importer cannot convert. Returns the model's config
+    (for a .gguf file, the one its conversion writes; None for a Hugging Face id not in the local cache)."""
     path = Path(os.path.expanduser(name))
-    if path.suffix.lower() != ".gguf":
-        return
-    if not path.is_file():
-        raise ConfigError("model", name, "no such GGUF file")
-    gguf.check_supported(path, *gguf.read_header(path))
+    if path.suffix.lower() == ".gguf":
+        from . import gguf
+
+        if not path.is_file():
+            raise ConfigError("model", name, "no such GGUF file")
+        metadata, tensors = gguf.read_header(path)
+        gguf.check_supported(path, metadata, tensors)
+        return gguf.model_config(metadata, tensors)
+    if not path.exists():
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise ConfigError("model", name, "no such folder, and not a Hugging Face model id") from None
+        if str(name).startswith((".", "/", "~")) or name.count("/") != 1:
+            raise ConfigError("model", name, "no such folder, and not in the Hugging Face cache")
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            return None  # mlx_lm.load may still download it
+        path = Path(cached).parent
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        raise ConfigError("model", name, "is not an mlx-lm model folder (no config.json in it)")
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("model", name, f"{config} is not UTF-8 text; the model folder is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError("model", name, f"{config} line {e.lineno}: not valid JSON ({e.msg}); the model folder "
+                                         "is damaged") from None
+
+
+def model_shape(config: dict | None) -> tuple[int, int] | None:
+    """(hidden size, layers) from a model's config.json, or None when it does not say."""
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    hidden = config.get("hidden_size", text.get("hidden_size"))
+    layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    return (hidden, layers) if isinstance(hidden, int) and isinstance(layers, int) else None
 
 
 def resolve_model(name: str) -> str:
@@ -116,7 +154,14 @@ def load_model(name: str, dtype: str = "auto", dequantize_base: str = "auto", lo
 
     from .trainer import resolve_dtype
 
-    model, tokenizer = mlx_lm.load(resolve_model(name))
+    check_model(name)
+    folder = resolve_model(name)  # a .gguf file is converted here (once)
+    try:
+        model, tokenizer = mlx_lm.load(folder)
+    except Exception as e:  # truncated weights, a missing tokenizer, not cached and no network, ...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if Path(os.path.expanduser(name)).exists() else " (not in the Hugging Face cache, and not downloaded)"
+        raise ConfigError("model", name, f"could not be loaded{where}: {type(e).__name__}: {detail}") from e
     target = resolve_dtype(dtype)
     # cast first: the quantized scales and biases then unpack in the target dtype, not in float16
     model.set_dtype(target, lambda x: mx.issubdtype(x, mx.floating))

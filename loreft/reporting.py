@@ -25,7 +25,8 @@ class Callback:
         """After every optimizer step (cheap: no device sync)."""
 
     def on_report(self, metrics: dict) -> None:
-        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec, trained_tokens, peak_memory_gb, eta_s, progress."""
+        """Every steps_per_report: step, loss, learning_rate, tokens_per_sec (every token of the rows, prompts too),
+        supervised_tokens_per_sec (the tokens the loss is on), trained_tokens, peak_memory_gb, eta_s, progress."""
 
     def on_eval(self, metrics: dict) -> None:
         """After each evaluation: step, split, loss, perplexity."""
@@ -42,44 +43,54 @@ class Callback:
 
 
 class StopOnSignal(Callback):
-    """First Ctrl-C (or SIGTERM) asks the trainer to stop at the next step and save; a second one aborts."""
+    """The first SIGINT or SIGTERM asks the trainer to stop at the next step and save the adapter.
+
+    Further SIGTERMs belong to the same stop (TransformerLab sends two: one to every process of the job,
+    one forwarded by its wrapper), so only a second Ctrl-C aborts. The handlers stay in place until
+    restore(), so a signal that arrives while the adapter is being saved cannot kill the process.
+    """
 
     def __init__(self, signals=(signal.SIGINT,), log=print):
         self.signals = signals
         self.log = log
-        self.requested: int | None = None  # the signal received
+        self.requested: int | None = None  # the first signal received
         self._announced = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
         # only set a flag here: the handler may interrupt anything, even a print or a file write
-        if self.requested is not None:  # second signal: give up on a clean stop
+        if self.requested is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up on a clean stop
             self.restore()
             raise KeyboardInterrupt
-        self.requested = signum
+        if self.requested is None:
+            self.requested = signum
 
-    def restore(self):
-        """Put back the handlers that were there before training."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def on_train_start(self, info):
+    def install(self) -> "StopOnSignal":
+        """Catch the signals from now on (also before training starts); returns self."""
+        if self._previous:
+            return self
         try:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
+        return self
+
+    def restore(self):
+        """Put back the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_start(self, info):
+        self.install()
 
     def should_stop(self):
         if self.requested is not None and not self._announced:
             self._announced = True
-            self.log(f"{signal.Signals(self.requested).name} received: stopping now and saving the adapter "
-                     "(send it again to abort)")
+            again = " (press Ctrl-C again to abort)" if self.requested == signal.SIGINT else ""
+            self.log(f"{signal.Signals(self.requested).name} received: stopping now and saving the adapter{again}")
         return self.requested is not None
-
-    def on_end(self, summary):
-        self.restore()
 
 
 class ProgressBar(Callback):
@@ -102,10 +113,12 @@ class ProgressBar(Callback):
 
     def on_report(self, m):
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}", lr=f"{m['learning_rate']:.2e}")
+            # all: every token of the rows; sup: the supervised ones (what mlx_lm lora --mask-prompt counts)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s_all=f"{m['tokens_per_sec']:.0f}",
+                                 tok_s_sup=f"{m.get('supervised_tokens_per_sec', 0):.0f}", lr=f"{m['learning_rate']:.2e}")
 
     def on_eval(self, m):
-        line = f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}"
+        line = eval_line(m)
         (self.bar.write(line, file=self.file) if self.bar is not None else print(line, file=self.file))
 
     def on_checkpoint(self, step, path):
@@ -121,7 +134,8 @@ class ProgressBar(Callback):
 def scalars(row: dict) -> dict[str, float]:
     """A report or evaluation row's metrics under the names every logger uses: train/loss, eval/perplexity, ..."""
     if row.get("kind") == "train":
-        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec") if k in row}
+        return {f"train/{k}": float(row[k]) for k in ("loss", "learning_rate", "tokens_per_sec", "supervised_tokens_per_sec")
+                if k in row}
     prefix = "eval" if row.get("split") == "valid" else row.get("split", "eval")
     return {f"{prefix}/{k}": float(row[k]) for k in ("loss", "perplexity", "exact_match") if k in row}
 
@@ -202,6 +216,18 @@ def start_lines(info: dict) -> list[str]:
 def write_metrics(history: list[dict], path: Path) -> None:
     """One JSON object per line: train reports and evaluations, in order."""
     path.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def report_line(m: dict, total_steps: int) -> str:
+    """One line per report, for logs without a progress bar (TransformerLab's job output)."""
+    return (f"step {m['step']}/{total_steps}: loss {m['loss']:.4f}, lr {m['learning_rate']:.3g}, "
+            f"{m['tokens_per_sec']:.0f} tokens/s (all; {m.get('supervised_tokens_per_sec', 0):.0f} supervised), "
+            f"ETA {m['eta_s']:.0f}s")
+
+
+def eval_line(m: dict) -> str:
+    """One line per evaluation."""
+    return f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}"
 
 
 def plot_loss(history: list[dict], path: Path, title: str = "LoReFT training") -> None:

@@ -22,8 +22,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .bookkeeper import Bookkeeper, NonFiniteLossError
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory
+from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
 from .interventions import batched_rotations
@@ -167,6 +167,7 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
     model = reft.model
     split = split_at_head(model) if options.sparse_logits else None
     interventions = list(reft.interventions().values())
+    reft.recompute_blocks(cfg.grad_checkpoint)
     rotations = batched_rotations if options.batched_rotations else (lambda _: contextlib.nullcontext())
 
     def loss(model, tokens, mask, locs, supervised=None):
@@ -252,13 +253,16 @@ def train(
         if saved and saved.get("best"):  # the template's values are ignored: rank 0's are taken
             saved["best_weights"] = rank0_values(best_weights or reft.parameters(), group)
     start = saved["step"] if saved else 0
+    if saved:
+        _check_resumable(start, total_steps, resume_from)
     step_fn, state = make_step(reft, optimizer, cfg, group, options)
 
     stats = reft.stats()
     args_record = {"train": cfg.to_dict(), "reft": reft.config.to_dict(), "base_model": base_model, "total_steps": total_steps}
     book = Bookkeeper(reft, optimizer, cfg, group=group, adapter_dir=adapter_dir, total_steps=total_steps,
                       steps_per_epoch=per_epoch, callbacks=list(callbacks), valid_set=valid_set, test_set=test_set,
-                      pad_id=pad_id, saved=saved, last_checkpoint=latest_checkpoint(adapter_dir),
+                      pad_id=pad_id, saved=saved, last_checkpoint=Path(resume_from) if resume_from is not None else None,
+                      stale_checkpoints=_stale_checkpoints(adapter_dir, resume_from),
                       adapter_kw={"base_model": base_model, "extra": adapter_extra}, test_metrics_fn=test_metrics_fn)
     queue = StepQueue(step_fn, state, reft, optimizer, group=group, seed=cfg.seed,
                       accumulation=cfg.grad_accumulation_steps, total_steps=total_steps,
@@ -282,8 +286,6 @@ def train(
     if book.evaluates and not stopped:
         valid_metrics = book.validate(final_step) if book.last_eval_step != final_step else _last_valid(book.history)
     path = book.save_final(final_step, args_record)
-    if is_main and options.plot is not None:
-        _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     adapter_step = book.best["step"] if book.best and book.best_weights is not None else final_step
     if adapter_step != final_step and not stopped:  # the summary describes the adapter saved
         valid_metrics = _last_valid([r for r in book.history if r["step"] == adapter_step]) or valid_metrics
@@ -298,8 +300,13 @@ def train(
         "valid": valid_metrics, "test": test_metrics, "trainable": stats.trainable,
         "total_parameters": stats.total, "train_time_s": book.train_time,
     }
+    release_cached_memory()  # the run is over: what nvidia-smi shows drops to the weights and the adapter
     for cb in book.callbacks:
         cb.on_end(summary)
+    # optional files last: after a stop, on_end publishes the adapter (TransformerLab's task) before the
+    # app's SIGKILL, 3 s after its SIGTERM; drawing the plot first took seconds
+    if is_main and options.plot is not None:
+        _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     return summary
 
 
@@ -327,6 +334,24 @@ def _write_beside(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_resumable(step: int, total_steps: int, folder) -> None:
+    """A checkpoint at or past this run's last step belongs to another (longer) run: refuse it."""
+    if step >= total_steps:
+        raise ConfigError("resume", str(folder), f"the checkpoint is at step {step}, but this run has {total_steps} "
+                                                 "steps; it comes from another run: resume with that run's settings, "
+                                                 "or start fresh without resume")
+
+
+def _stale_checkpoints(adapter_dir: Path, resume_from) -> Path | None:
+    """adapter_dir/checkpoints when it holds another run's checkpoints (this run did not resume from one of them)."""
+    folder = adapter_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    if resume_from is not None and folder.resolve() in Path(resume_from).resolve().parents:
+        return None
+    return folder
 
 
 def _run_notes(cfg: TrainConfig, world_size: int) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ConfigError
 from .job import PARAMETERS, PARAMS_BY_NAME, Job, coerce, job_from_params, run_job
-from .reporting import Callback, scalars, start_lines
+from .reporting import Callback, eval_line, report_line, scalars, start_lines
 
 # Parameters the app itself supplies (model_name, the dataset, adaptor_output_dir): not form fields.
 APP_FIELDS = ("model", "data", "adapter_dir")
@@ -44,6 +44,16 @@ PLUGIN_CONFIG_KEYS = ("model_name", "model", "adaptor_output_dir", "formatting_t
                       "chatml_formatted_column")
 TASK_CONFIG_KEYS = ("model_name", "model", "dataset", "data", "adapter_dir", "formatting_template",
                     "formatting_chat_template", "chatml_formatted_column")
+# Keys the apps put into a job's config for their own use (plugin input file; task launch and providers): not warned about.
+APP_OWN_KEYS = frozenset({
+    "job_id", "template_name", "plugin_name", "model_architecture", "model_path", "model_adapter", "dataset_name",
+    "output_dir", "run_sweeps", "sweep_config", "sweep_metric", "lower_is_better", "log_to_wandb", "type",
+    "embedding_model", "embedding_model_architecture", "start_time", "_config", "input_file", "experiment_name",
+    "docker_image", "region", "fleet_name", "resources", "custom_sbatch_flags",
+})
+# The names other TransformerLab trainers use for the same settings (the app's MLX LoRA trainer, its HF trainers).
+ALIASES = {"num_train_epochs": "epochs", "max_steps": "iters", "lora_rank": "rank", "lora_r": "rank",
+           "learning_rate_schedule": "lr_schedule", "gradient_accumulation_steps": "grad_accumulation_steps"}
 
 # The Hugging Face architectures (config.json "architectures") of the mlx-lm families attach() is tested on
 # (tests/test_model.py FAMILIES), mapped to their mlx-lm model_type: index.json lists the keys.
@@ -87,6 +97,45 @@ def split_formatting_template(template: str) -> tuple[str, str]:
 def _given(value: Any, kind: type) -> bool:
     # the app sends every form field, often as strings; an empty number field means "use the default"
     return value is not None and not (kind is not str and isinstance(value, str) and not value.strip())
+
+
+def plain_value(value: Any) -> Any:
+    """A parameter's value: a task parameter may arrive as its schema ({type, default, ...}) when not overridden."""
+    if isinstance(value, Mapping) and "default" in value:
+        return value["default"]
+    return value
+
+
+def app_config(config: Mapping, *, task: bool) -> tuple[dict, list[str]]:
+    """The app's config with schema dicts resolved and other trainers' names mapped to ours; plus notes to show.
+
+    A name used by the app's other trainers (num_train_epochs, lora_rank, ...) wins over the form's own field
+    (the form sends every field, so only a deliberate choice brings the other name). num_train_epochs <= 0 is
+    the LoRA trainer's "use iters" and is ignored; above 0 it trains whole epochs (iters 0), as that trainer does.
+    Names nobody reads are listed in a note, not dropped silently.
+    """
+    plain = {str(k): plain_value(v) for k, v in config.items()}
+    notes = []
+    for other, ours in ALIASES.items():
+        value = plain.pop(other, None)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if other == "num_train_epochs":
+            try:
+                use_iters = float(value) <= 0  # unbounded here: epochs' own check names a bad value below
+            except (TypeError, ValueError):
+                use_iters = False
+            if use_iters:
+                continue
+            plain["iters"] = 0
+        plain[ours] = value
+        notes.append(f"{other}={value!r} read as {ours}" + (" (iters=0)" if other == "num_train_epochs" else ""))
+    known = {p.name for p in PARAMETERS} | set(EXTRA_FIELDS) | APP_OWN_KEYS | set(TASK_CONFIG_KEYS if task else PLUGIN_CONFIG_KEYS)
+    unknown = sorted(k for k in plain if k not in known)
+    if unknown:
+        notes.append(f"Warning: unknown parameters ignored: {', '.join(unknown)} (this trainer's parameters: "
+                     f"{', '.join(p.name for p in FORM_PARAMETERS)})")
+    return plain, notes
 
 
 def job_params(config: Mapping, *, task: bool) -> dict:
@@ -146,6 +195,10 @@ def _percent(step: int, total: int) -> int:
     return int(100 * step / max(total, 1))
 
 
+def _stopped_message(summary: dict) -> str:
+    return f"Stopped by user at step {summary['steps']} of {summary['total_steps']}; adapter saved to {summary['adapter']}"
+
+
 class PluginReporter(Callback):
     """Reports to a plugin job through tlab_trainer; a Stop in the app becomes should_stop()."""
 
@@ -153,9 +206,11 @@ class PluginReporter(Callback):
         self.tlab, self.log = tlab, log
         self.throttle = _Throttle(interval)
         self.stopped = False
+        self.total = 1
         self.eta_s: float | None = None
 
     def on_train_start(self, info):
+        self.total = info["total_steps"]
         self.tlab.add_job_data("trainable_parameters", int(info["trainable"]))
         self.tlab.add_job_data("trainable_percent", float(info["percent"]))
         for line in start_lines(info):
@@ -175,26 +230,40 @@ class PluginReporter(Callback):
 
     def on_report(self, m):
         self.eta_s = m["eta_s"]
+        self.log(report_line(m, self.total))
         for name, value in scalars(m).items():
             self.tlab.log_metric(name, value, m["step"])
 
     def on_eval(self, m):
+        self.log(eval_line(m))
         for name, value in scalars(m).items():
             self.tlab.log_metric(name, value, m["step"])
+
+    def on_end(self, summary):
+        self.tlab.add_job_data("estimated_time_remaining", 0)
+        if summary["stopped"]:
+            self.tlab.add_job_data("completion_details", _stopped_message(summary))
 
     def should_stop(self):
         return self.stopped
 
 
 class TaskReporter(Callback):
-    """Reports to a task job through `lab`: progress and metrics rows, checkpoints, the app's stop flag."""
+    """Reports to a task job through `lab`: progress and metrics rows, checkpoints, the app's stop flag.
 
-    def __init__(self, lab, interval: float = REPORT_INTERVAL_S, log=None):
+    After a stop, on_end publishes the adapter as the job's model and marks the job STOPPED before the
+    trainer draws anything optional: TransformerLab SIGKILLs a stopped job 3 s after its SIGTERM.
+    """
+
+    def __init__(self, lab, interval: float = REPORT_INTERVAL_S, log=None, name: str = ADAPTOR_NAME_DEFAULT,
+                 parent_model: str | None = None):
         self.lab = lab
         self.log = log or lab.log
         self.throttle = _Throttle(interval)
         self.total = 1
         self.stop_requested = False
+        self.name, self.parent_model = name, parent_model
+        self.saved: str | None = None  # the job's copy of the adapter (lab.save_model)
 
     def on_train_start(self, info):
         self.total = info["total_steps"]
@@ -209,17 +278,36 @@ class TaskReporter(Callback):
             self.stop_requested = bool(self.lab.get_job_data().get("stop"))
 
     def on_report(self, m):
-        metrics = {**scalars(m), "estimated_time_remaining": m["eta_s"]}
-        self.lab.update_progress(_percent(m["step"], self.total), metrics=metrics, step=m["step"])
-        self.log(f"step {m['step']}/{self.total}: loss {m['loss']:.4f}, {m['tokens_per_sec']:.0f} tokens/s, "
-                     f"ETA {m['eta_s']:.0f}s")
+        # one write of the job's index.json per report: lab rewrites it whole, without a lock, and so does
+        # the app (its stop flag), so every extra write is a chance to lose the other side's
+        self.lab.update_progress(_percent(m["step"], self.total), metrics=scalars(m), step=m["step"])
+        self.log(report_line(m, self.total))
 
     def on_eval(self, m):
         self.lab.update_progress(_percent(m["step"], self.total), metrics=scalars(m), step=m["step"])
-        self.log(f"step {m['step']}: {m['split']} loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}")
+        self.log(eval_line(m))
 
     def on_checkpoint(self, step, path):
         self.lab.save_checkpoint(str(path), Path(path).name)  # lab.get_checkpoint_to_resume() finds these
+
+    def publish(self, summary: dict) -> None:
+        """The adapter as the job's model (lab.save_model); a stopped job marked STOPPED."""
+        import asyncio
+
+        from lab import JobStatus
+
+        self.saved = self.lab.save_model(summary["adapter"], name=self.name, architecture="MLX",
+                                         pipeline_tag="text-generation", parent_model=self.parent_model)
+        self.lab.set_job_data_field("adapter_path", self.saved)
+        if summary["stopped"]:
+            message = _stopped_message(summary)
+            self.lab.set_job_data_field("completion_details", message)
+            asyncio.run(self.lab.job.update_status(JobStatus.STOPPED))
+            self.log(message)
+
+    def on_end(self, summary):
+        if summary["stopped"]:  # at once; a finished run publishes after run_job wrote its test results
+            self.publish(summary)
 
     def should_stop(self):
         return self.stop_requested
@@ -251,38 +339,55 @@ def describe(job: Job) -> str:
     return "LoReFT job: " + ", ".join(f"{k}={v!r}" for k, v in job.to_params().items())
 
 
-def _stopped_message(summary: dict) -> str:
-    return f"Stopped by user at step {summary['steps']} of {summary['total_steps']}; adapter saved to {summary['adapter']}"
+STOPPED_BY_USER = "Job stopped by user"  # the plugin SDK's KeyboardInterrupt message for the app's Stop
 
 
-def run_plugin(log=print) -> dict:
-    """Train once under the plugin harness; a Stop saves the adapter and then re-raises KeyboardInterrupt."""
+def run_plugin(log=print) -> int:
+    """Train once under the plugin harness; returns the exit code (0 also after a Stop, 1 on failure).
+
+    The SDK's job_wrapper records the outcome: a failure re-raises through it (it marks the job failed), and
+    after a Stop its final progress_update raises KeyboardInterrupt (the job is already STOPPED): both end
+    here, without a traceback, once the adapter trained so far is saved.
+    """
     from transformerlab.sdk.v1.train import (
         tlab_trainer,  # provided by the harness, not by PyPI
     )
 
+    from .reporting import StopOnSignal
+
+    stop = StopOnSignal((signal.SIGTERM,), log=log).install()
+
     @tlab_trainer.job_wrapper(wandb_project_name="TLab_Training", manual_logging=True)
     def train_loreft() -> dict:
-        params = tlab_trainer.params
         try:
-            job = job_from_params(job_params(params, task=False), strict=False, require_data=False)
+            config, notes = app_config(tlab_trainer.params, task=False)
+            for note in notes:
+                log(note)
+            job = job_from_params(job_params(config, task=False), strict=False, require_data=False)
             log(describe(job))
             splits = tlab_trainer.load_dataset(["train", "valid"])
             tlab_trainer.add_job_data("checkpoints_dir", str(Path(job.adapter_dir) / "checkpoints"))
             reporter = PluginReporter(tlab_trainer, log=log)
-            summary = run_job(job, callbacks=[reporter], splits=dict(splits), log=log)
+            summary = run_job(job, callbacks=[reporter, stop], splits=dict(splits), log=log)
         except Exception as e:
             # the wrapper records a generic failure; the app shows job_data.error_msg to the user
             tlab_trainer.add_job_data("error_msg", f"{type(e).__name__}: {e}")
-            log(f"LoReFT training failed: {e}")
+            log(f"LoReFT training failed: {type(e).__name__}: {e}")
             raise
-        log(f"Adapter saved to {summary['adapter']}")
-        if reporter.stopped:
-            tlab_trainer.add_job_data("completion_details", _stopped_message(summary))
-            raise KeyboardInterrupt("Job stopped by user")  # the adapter is saved; now end the job
+        log(_stopped_message(summary) if summary["stopped"] else f"Adapter saved to {summary['adapter']}")
         return summary
 
-    return train_loreft()
+    try:
+        train_loreft()
+        return 0
+    except KeyboardInterrupt as e:
+        if str(e.args[0] if e.args else "") != STOPPED_BY_USER:
+            raise  # Ctrl-C in a terminal
+        return 0
+    except Exception:  # noqa: BLE001  (already recorded in the job and printed by the wrapper)
+        return 1
+    finally:
+        stop.restore()
 
 
 def _workspace_path(lookup, name: str, usable) -> str:
@@ -309,9 +414,12 @@ def run_task(log=print) -> int:
     """Train once as a TransformerLab task; returns the exit code (0 also after a Stop, 1 on failure)."""
     import asyncio
 
-    from lab import JobStatus, lab
-
     from .reporting import StopOnSignal
+
+    # From the start: the app's Stop (SIGTERM to every process of the job, then SIGKILL 3 s later) must
+    # find the handler in place even while the model loads.
+    stop = StopOnSignal((signal.SIGTERM,), log=log).install()
+    from lab import lab
 
     lab.init()
 
@@ -319,8 +427,12 @@ def run_task(log=print) -> int:
         print(message, flush=True)
         lab.log(message)
 
+    stop.log = tlog
     try:
-        params = job_params(lab.get_config(), task=True)
+        config, notes = app_config(lab.get_config(), task=True)
+        for note in notes:
+            tlog(note)
+        params = job_params(config, task=True)
         job: Job = job_from_params(params, strict=False)
         job.model = _workspace_path(lab.get_model_path, job.model, _has_model)
         job.data = _workspace_path(lambda n: asyncio.run(lab.get_dataset(n).get_dir()), job.data, _has_data)
@@ -329,31 +441,22 @@ def run_task(log=print) -> int:
             job.resume = checkpoint
             tlog(f"Resuming from checkpoint {checkpoint}")
         tlog(describe(job))
-        reporter, stop = TaskReporter(lab, log=tlog), StopOnSignal((signal.SIGTERM,), log=tlog)
-        try:
-            summary = run_job(job, callbacks=[reporter, stop], log=tlog)
-        finally:
-            stop.restore()
+        name = str(config.get("adaptor_name") or Path(job.adapter_dir).name)
+        reporter = TaskReporter(lab, log=tlog, name=name, parent_model=job.model)
+        summary = run_job(job, callbacks=[reporter, stop], log=tlog)
         adapter = summary["adapter"]
-        name = str(params.get("adaptor_name") or Path(adapter).name)
-        saved = lab.save_model(adapter, name=name, architecture="MLX", pipeline_tag="text-generation", parent_model=job.model)
         for extra in ("loss.png", "metrics.jsonl"):
             if (Path(adapter) / extra).is_file():
                 lab.save_artifact(str(Path(adapter) / extra), extra)
-        lab.set_job_data_field("adapter_path", saved)
         if summary["stopped"]:
-            message = _stopped_message(summary)
-            lab.set_job_data_field("completion_details", message)
-            asyncio.run(lab.job.update_status(JobStatus.STOPPED))
-            tlog(message)
-            return 0
+            return 0  # published in on_end
+        reporter.publish(summary)
         score = {}
-        for split, prefix in (("valid", "eval"), ("test", "test")):
+        for split in ("valid", "test"):  # the score's keys are the metrics' own names: a sweep ranks by them
             if summary.get(split):
-                score[f"{prefix}_loss"] = summary[split]["loss"]
-                score[f"{prefix}_perplexity"] = summary[split]["perplexity"]
+                score.update(scalars({"kind": "eval", "split": split, **summary[split]}))
         lab.update_progress(100)
-        lab.finish(f"LoReFT adapter trained ({summary['steps']} steps); saved to {saved}", score=score)
+        lab.finish(f"LoReFT adapter trained ({summary['steps']} steps); saved to {reporter.saved}", score=score)
         return 0
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
@@ -363,3 +466,5 @@ def run_task(log=print) -> int:
         if isinstance(e, ValueError):  # ConfigError, DataError: the message says it all
             return 1
         raise
+    finally:
+        stop.restore()

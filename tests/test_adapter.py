@@ -50,7 +50,8 @@ def edited_logits(model, reft) -> np.ndarray:
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_is_bit_identical(folders, tmp_path, kind):
     act = "linear" if kind in ("consreft", "lobireft") else "gelu"
-    cfg = ReftConfig(layers="0;2", rank=3, positions="f2+l3", intervention=kind, act_fn=act, dropout=0.1, seed=5)
+    dropout = 0.0 if kind == "consreft" else 0.1  # consreft has none
+    cfg = ReftConfig(layers="0;2", rank=3, positions="f2+l3", intervention=kind, act_fn=act, dropout=dropout, seed=5)
     model = fresh(folders)
     reft = trained(model, cfg)
     want = edited_logits(model, reft)
@@ -207,3 +208,17 @@ def test_save_replaces_an_existing_adapter(folders, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     model = fresh(folders)
     assert np.array_equal(edited_logits(model, load_adapter(model, path)), edited_logits(second.model, second))
+
+
+def test_consreft_adapter_recording_a_dropout_still_loads(folders, tmp_path):
+    """Adapters written before dropout was refused for consreft (it has none) record one: they load, without it."""
+    reft = trained(fresh(folders), ReftConfig(layers="0", rank=2, positions="l1", intervention="consreft"))
+    save_adapter(reft, tmp_path / "a")
+    file = tmp_path / "a" / "reft_config.json"
+    meta = json.loads(file.read_text())
+    meta["config"]["dropout"] = meta["dropout"] = 0.1
+    file.write_text(json.dumps(meta))
+    model = fresh(folders)
+    back = load_adapter(model, tmp_path / "a")
+    assert back.config.dropout == 0.0
+    assert np.array_equal(edited_logits(model, back), edited_logits(reft.model, reft))

@@ -129,15 +129,42 @@ def test_ctrl_c_stops_at_the_next_step_and_saves(tmp_path, tiny_model_dir, data_
     job = job_from_params({"model": str(tiny_model_dir), "data": str(data_file), "iters": 500, "batch_size": 2,
                            "rank": 1, "adapter_dir": str(tmp_path / "ad"), "steps_per_report": 1})
     stop = StopOnSignal(log=lambda *a: None)
-    summary = run_job(job, callbacks=[stop, InterruptAt()], log=lambda *a: None)
+    try:
+        summary = run_job(job, callbacks=[stop, InterruptAt()], log=lambda *a: None)
+        assert signal.getsignal(signal.SIGINT) == stop._handle  # kept while anything may still be written
+    finally:
+        stop.restore()
     assert summary["stopped"] and summary["steps"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert (tmp_path / "ad" / "loss.png").is_file()  # drawn after the adapter was saved
     model, _ = mlx_lm.load(str(tiny_model_dir))
     load_adapter(model, tmp_path / "ad")
 
 
+def test_sigterm_stops_loreft_train_with_the_adapter_saved(tmp_path, tiny_model_dir, data_file):
+    """`loreft train` under kill (twice, as schedulers and TransformerLab send it): exit 0, a loadable adapter."""
+    import time
+
+    adapter = tmp_path / "ad"
+    proc = subprocess.Popen([sys.executable, "-m", "loreft.cli", "train", "--model", str(tiny_model_dir), "--data",
+                             str(data_file), "--iters", "20000", "--batch-size", "2", "--rank", "1", "--save-every", "2",
+                             "--adapter-dir", str(adapter)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while not (adapter / "checkpoints").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the same stop, not an abort
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Training stopped early" in out and "Traceback" not in out, out
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    load_adapter(model, adapter)
+    assert (adapter / "loss.png").is_file()
+
+
 def test_tiny_demo_runs_and_learns(tmp_path, capsys):
     """A shortened tiny demo: the model is built into the cache once, the loss falls, the answers are shown."""
+
     cache, out = tmp_path / "cache", tmp_path / "demo"
     assert cli.main(["demo", "--tiny", "--epochs", "40", "--cache-dir", str(cache), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -122,7 +122,7 @@ def test_error_messages_say_what_is_allowed():
         ReftConfig(intervention="lora").validate()
     with pytest.raises(ConfigError, match="relu.*silu.*tanh"):
         ReftConfig(act_fn="swish").validate()
-    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+    with pytest.raises(ConfigError, match=r">= 0.0 and <= 0.99"):
         ReftConfig(dropout=1.5).validate()
     with pytest.raises(ConfigError, match="hidden size 64"):
         ReftConfig(rank=64).validate(hidden_size=64)

@@ -257,16 +257,16 @@ def test_tokenize_errors(tiny_tokenizer):
     with pytest.raises(DataError, match="empty"):
         tokenize_rows([], Formatter(), tok, max_seq_length=64)
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "  "}]
-    with pytest.raises(DataError, match="row 1 has an empty completion"):
+    with pytest.raises(DataError, match="train row 2: the completion is empty"):  # rows count from 1, as lines do
         tokenize_rows(rows, Formatter(), tok, max_seq_length=64)
-    with pytest.raises(DataError, match="row 0 has an empty prompt"):
+    with pytest.raises(DataError, match="train row 1: the prompt is empty"):
         tokenize_rows([{"prompt": "", "completion": "b"}], Formatter(), tok, max_seq_length=64)
     long = [{"prompt": "x", "completion": "a much longer completion than allowed"}]
     with pytest.raises(DataError, match=r"all 1 train rows were dropped.*max_seq_length=4"):
         tokenize_rows(long, Formatter(), tok, max_seq_length=4)
     with pytest.raises(ConfigError, match="truncation"):
         tokenize_rows(rows, Formatter(), tok, max_seq_length=64, truncation="right")
-    with pytest.raises(DataError, match=r"valid row 0: completion column 'completion' is empty"):
+    with pytest.raises(DataError, match=r"valid row 1: completion column 'completion' is empty"):
         tokenize_rows([{"prompt": "a", "completion": None}], Formatter(), tok, 64, split="valid")
 
 

@@ -183,3 +183,17 @@ def test_steps_per_epoch_counts_the_batches_each_rank_gets():
         got = [len(list(iterate_batches(_examples(n), batch, epoch=1, rank=r, world_size=world))) for r in range(world)]
         assert got == [steps_per_epoch(_examples(n), batch, world)] * world
     assert steps_per_epoch(_examples(10), 4) == 3  # one process: ceil(n / batch), as before
+
+
+def test_under_mlx_launch_only_rank_zero_prints(ring_ok, tiny_model_dir, tmp_path):
+    """The CLI's start line, trainable share and 'Adapter saved to' come once, from rank 0, not once per rank."""
+    from loreft.demo import DEMO_ROWS
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in DEMO_ROWS))
+    out = ring(["-m", "loreft.cli", "train", "--model", str(tiny_model_dir), "--data", str(data), "--adapter-dir",
+                str(tmp_path / "a"), "--iters", "2", "--batch-size", "4", "--rank", "2", "--layers", "1"], timeout=240)
+    text = out.stdout + out.stderr
+    assert (tmp_path / "a" / "adapter.safetensors").is_file(), text[-3000:]
+    for line in ("Training loreft", "Trainable parameters", "Adapter saved to"):
+        assert text.count(line) == 1, (line, text[-3000:])

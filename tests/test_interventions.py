@@ -227,3 +227,23 @@ def test_rotation_stays_orthonormal_through_training(tmp_path):
     )
     assert raw > 1e-2  # the stored parameter drifted far from orthonormal ...
     assert reft.max_orthogonality_error() < 1e-5  # ... but the R used in the edit did not
+
+
+def test_unstack_same_slices_and_gradient_as_indexing():
+    """unstack's one-stack gradient equals plain indexing's, unused slices included (zeros), also compiled."""
+    from loreft.interventions import unstack
+
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.standard_normal((5, 4, 3)).astype(np.float32))
+    w = [mx.array(rng.standard_normal((4, 3)).astype(np.float32)) for _ in range(5)]
+    for a, b in zip(unstack(x), [x[i] for i in range(5)]):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+    def loss(parts):
+        return (parts[0] * w[0]).sum() + (parts[3] ** 2 * w[3]).sum()  # slices 1, 2 and 4 unused
+
+    want = mx.grad(lambda x: loss([x[i] for i in range(5)]))(x)
+    for fn in (lambda x: loss(unstack(x)), mx.compile(lambda x: loss(unstack(x)))):
+        got = mx.grad(fn)(x)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-7)
+    assert not np.array(want)[[1, 2, 4]].any()

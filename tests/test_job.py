@@ -9,7 +9,7 @@ import pytest
 from loreft import ConfigError
 from loreft.config import PRESETS
 from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
-from loreft.job import job_from_params, run_job
+from loreft.job import PARAMETERS, job_from_params, run_job
 from loreft.reporting import Callback
 
 
@@ -37,13 +37,19 @@ def test_unknown_parameter_is_an_error_unless_lenient():
     assert job_from_params({"model": "m", "data": "d", "job_id": 7}, strict=False).reft.rank == 4
 
 
-def test_bad_template_fails_before_the_model_loads(tmp_path):
+def test_bad_template_fails_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    import mlx_lm
+
+    def untouched(*a, **k):
+        raise AssertionError("the model loaded before the template was checked")
+
+    monkeypatch.setattr(mlx_lm, "load", untouched)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in DEMO_ROWS))
-    job = job_from_params({"model": str(tmp_path / "no-such-model"), "data": str(data),
+    job = job_from_params({"model": str(tiny_model_dir), "data": str(data), "adapter_dir": str(tmp_path / "out"),
                            "prompt_template": "{{ question }}", "completion_template": "{{ output }}"})
     with pytest.raises(ValueError, match=r"question.*instruction, output"):
-        run_job(job, log=lambda *a: None)  # a model load would fail differently: the folder does not exist
+        run_job(job, log=lambda *a: None)
 
 
 def test_test_split_is_scored_by_exact_match_and_written_beside_the_adapter(tiny_model_dir, tmp_path):
@@ -72,3 +78,20 @@ def test_test_split_is_scored_by_exact_match_and_written_beside_the_adapter(tiny
     assert [r["split"] for r in Evals.rows] == ["valid", "test"] and Evals.rows[-1]["exact_match"] == test["exact_match"]
     written = json.loads((tmp_path / "adapter" / "eval.json").read_text())
     assert written["exact_match"] == test["exact_match"] and written["split"] == "test"
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.minimum is not None or p.maximum is not None],
+                         ids=lambda p: p.name)
+def test_the_tables_bounds_and_finiteness_are_enforced(param):
+    """Every bounded parameter refuses a value just outside its range, and NaN / infinity, as the app sends them (text)."""
+    step = 1 if param.type is int else 1e-3 * max(abs(param.minimum or 0), abs(param.maximum or 0), 1e-6)
+    outside = ([param.minimum - step] if param.minimum is not None else []) + \
+              ([param.maximum + step] if param.maximum is not None else [])
+    if param.type is float:
+        outside += [float("nan"), float("inf"), float("-inf")]
+    for value in outside:
+        with pytest.raises(ConfigError, match=param.name):
+            job_from_params({"model": "m", "data": "d", param.name: str(value)}, strict=False)
+    for value in (param.minimum, param.maximum):  # the bounds themselves are allowed
+        if value is not None and not (param.name == "epochs" and value == 0):  # epochs 0 needs iters > 0
+            job_from_params({"model": "m", "data": "d", param.name: str(value), "iters": "1"})

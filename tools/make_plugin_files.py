@@ -2,6 +2,7 @@
 
     python tools/make_plugin_files.py           rewrite index.json, task.yaml, info.md and README.md's parameter section
     python tools/make_plugin_files.py --check   exit 1 if any of them is out of date (tests run this)
+    python tools/make_plugin_files.py --task-folder DIR   the folder to upload as a TransformerLab task
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from loreft import __version__
 from loreft.config import PRESETS
-from loreft.job import PARAMETERS, TASK_OVERRIDES, TITLES
+from loreft.job import APP_OVERRIDES, PARAMETERS, TASK_OVERRIDES, TITLES
 from loreft.transformerlab import EXTRA_FIELDS, FORM_PARAMETERS, MODEL_ARCHITECTURES
 
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -34,6 +35,15 @@ TRAINING_DATA_INSTRUCTIONS = (
     "interventions edit the prompt's tokens only, so the completion must be the template's last field.")
 # A task runs with these unless the launcher changes them: a small real model and dataset from the Hub.
 TASK_APP_DEFAULTS = {"model_name": "mlx-community/Qwen2.5-0.5B-Instruct-4bit", "dataset": "tatsu-lab/alpaca"}
+# The task's sweep example; the metric is one of the score's keys (the metric names main.py reports).
+TASK_SWEEPS = {"sweep_config": {"learning_rate": [0.002, 0.004], "rank": [4, 8]}, "sweep_metric": "eval/loss",
+               "lower_is_better": True}
+# The task's launch form in the app's schema style (api schemas: type, default, min, max, options, ui_widget).
+TASK_TYPES = {str: "string", int: "int", float: "float", bool: "bool"}
+TASK_WIDGETS = {"model_name": ("Base Model", "lab_model_select"), "dataset": ("Dataset", "lab_dataset_select")}
+# The task's files: everything the plugin lists but its index.json, which the app's upload would copy over
+# the task's own metadata file (<task>/index.json).
+TASK_FOLDER_FILES = ("task.yaml",)
 README = ROOT / "README.md"
 BEGIN = "<!-- BEGIN GENERATED: parameters (tools/make_plugin_files.py) -->"
 END = "<!-- END GENERATED: parameters -->"
@@ -43,9 +53,13 @@ def title(name: str) -> str:
     return TITLES.get(name, name.replace("_", " ").title())
 
 
+def app_default(p, overrides: dict):
+    return overrides.get(p.name, p.default)
+
+
 def field_schema(p) -> dict:
     """One JSON-schema property of the Train tab's form."""
-    schema = {"title": title(p.name), "type": JSON_TYPES[p.type], "default": p.default}
+    schema = {"title": title(p.name), "type": JSON_TYPES[p.type], "default": app_default(p, APP_OVERRIDES)}
     for key in ("minimum", "maximum"):
         if getattr(p, key) is not None:
             schema[key] = p.type(getattr(p, key))
@@ -81,11 +95,25 @@ def plugin_index() -> dict:
     }
 
 
+def task_schema(p) -> dict:
+    """One task parameter as the app's launch form reads it: an enum is a dropdown, a number has its bounds."""
+    schema = {"title": title(p.name), "type": "enum" if p.enum is not None else TASK_TYPES[p.type],
+              "default": app_default(p, TASK_OVERRIDES)}
+    if p.enum is not None:
+        schema["options"] = list(p.enum)
+    for key, bound in (("min", p.minimum), ("max", p.maximum)):
+        if bound is not None:
+            schema[key] = p.type(bound)
+    return schema
+
+
 def task_parameters() -> dict:
-    """task.yaml's parameters: the app's fields, then the form's, with their defaults."""
-    params = dict(TASK_APP_DEFAULTS)
-    params.update({name: spec["default"] for name, spec in EXTRA_FIELDS.items()})
-    params.update({p.name: TASK_OVERRIDES.get(p.name, p.default) for p in FORM_PARAMETERS})
+    """task.yaml's parameters: the app's fields (with its model and dataset pickers), then the form's."""
+    params = {name: {"title": TASK_WIDGETS[name][0], "type": "string", "default": default,
+                     "ui_widget": TASK_WIDGETS[name][1]} for name, default in TASK_APP_DEFAULTS.items()}
+    params.update({name: {"title": spec["title"], "type": TASK_TYPES[{"string": str, "boolean": bool}[spec["type"]]],
+                          "default": spec["default"]} for name, spec in EXTRA_FIELDS.items()})
+    params.update({p.name: task_schema(p) for p in FORM_PARAMETERS})
     return params
 
 
@@ -93,12 +121,17 @@ def task_yaml() -> str:
     """task.yaml of the task (TransformerLab from v0.31)."""
     spec = {
         "name": "mlx-loreft-train",
-        "envs": {"PYTHONUNBUFFERED": "1", "HF_TOKEN": "{{secret._HF_TOKEN}}"},
+        "envs": {"PYTHONUNBUFFERED": "1"},
         "setup": "bash setup.sh --task",
-        "run": "python main.py",
+        # exec: the app's Stop SIGTERMs every process of the job; a shell left waiting (dash) dies of it
+        # with 143, which the app records as a crash (FAILED) even though training saved and stopped cleanly
+        "run": "exec python main.py",
         "parameters": task_parameters(),
+        "sweeps": TASK_SWEEPS,
     }
-    header = ("# LoReFT training as a TransformerLab task: upload this folder (or point github_repo_url at it).\n"
+    header = ("# LoReFT training as a TransformerLab task: point the app's github_repo_url at this repository, or upload\n"
+              "# the folder `python tools/make_plugin_files.py --task-folder DIR` writes (not the repository itself:\n"
+              "# its index.json, the plugin's, would replace the task's own index.json in the app).\n"
               "# Generated by tools/make_plugin_files.py from loreft/job.py PARAMETERS; do not edit by hand.\n")
     return header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=1000)
 
@@ -156,12 +189,14 @@ paper reports LoReFT matching or beating LoRA on commonsense reasoning and instr
 
 ### While it trains
 Loss, learning rate, tokens/s, validation loss and perplexity, the time left and the number of trainable
-parameters are reported from inside the training loop. Stop saves the adapter trained so far.
+parameters are reported from inside the training loop, with one line per report in the job's output.
+Checkpoints are written every {APP_OVERRIDES["save_every"]} steps by default. Stop saves the adapter of the
+last finished step and ends the job as stopped.
 
 ### After training
 The adapter (a `reft_config.json` and `adapter.safetensors`, with `loss.png` and `metrics.jsonl`) is saved
 in the adaptor folder. TransformerLab's MLX server loads LoRA adapters only; generate with
-`loreft generate --adapter <folder> --prompt "..."` from the plugin's environment.
+`venv/bin/loreft generate --adapter <folder> --prompt "..."` in the plugin's folder.
 """
 
 
@@ -175,10 +210,33 @@ def outputs() -> dict[Path, str]:
     }
 
 
+def task_folder_files() -> list[str]:
+    """The files of the task's upload folder: the plugin's files and task.yaml, never index.json."""
+    return plugin_index()["files"] + list(TASK_FOLDER_FILES)
+
+
+def write_task_folder(dest: Path) -> Path:
+    """Copy the task's files into dest (a new or empty folder) for uploading it as a task."""
+    import shutil
+
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise SystemExit(f"--task-folder: {dest} is not empty; give a new or empty folder")
+    for name in task_folder_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report stale files instead of writing them")
+    parser.add_argument("--task-folder", metavar="DIR", help="write the folder to upload as a TransformerLab task "
+                        "(the task's files without the plugin's index.json) to DIR, and nothing else")
     args = parser.parse_args(argv)
+    if args.task_folder:
+        print(f"wrote the task folder {write_task_folder(Path(args.task_folder))}: upload this folder as a task")
+        return 0
     stale = [path for path, text in outputs().items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

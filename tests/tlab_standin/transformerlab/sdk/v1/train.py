@@ -1,11 +1,13 @@
 """STAND-IN for TransformerLab's plugin SDK `transformerlab.sdk.v1.train` (tests only; not TransformerLab's code).
 
-Follows the documented contract of the plugin-era SDK:
+Written against the `transformerlab` package (`lab`) 0.0.45, which the archived server pins and installs in
+every plugin's venv, following the documented contract of the plugin-era SDK:
+- importing it imports `transformerlab.plugin` (the workspace and temp folders, asked of `lab` at import).
 - `tlab_trainer.params`: a dict with attribute access (missing keys read as None), filled from the
   command line (--input_file, --job_id, ...) and from the input file's "config" (values the command
   line did not set).
-- The job lives in files: <workspace>/jobs/<job_id>/index.json = {"id", "status", "progress", "job_data"},
-  with the workspace from $TFL_WORKSPACE_DIR.
+- The job is `lab.Job(job_id)` (synchronous in 0.0.x): <workspace>/jobs/<job_id>/index.json =
+  {"id", "status", "progress", "job_data"}, with the workspace from $TFL_WORKSPACE_DIR.
 - progress_update(percent) writes progress; when job_data["stop"] is true it sets status STOPPED and
   raises KeyboardInterrupt("Job stopped by user").
 - log_metric(name, value, step) keeps the latest value of each metric in <output_dir>/metrics.json
@@ -13,9 +15,10 @@ Follows the documented contract of the plugin-era SDK:
   <output_dir>/metrics_history.jsonl instead, so tests can read the series).
 - load_dataset(types): <workspace>/datasets/<dataset_name>/ (its .json/.jsonl/.csv files, all in one
   train split) or a Hugging Face id; with no validation split, 80/20 of train.
-- job_wrapper(...): marks start, then completion_status "success" or "failed" (with a generic
-  completion_details, as the real SDK writes) and re-raises the exception. KeyboardInterrupt is not
-  an Exception: it passes through unrecorded, as in the real SDK.
+- job_wrapper(...): marks start and progress_start, runs the function, then progress_update(progress_end)
+  (which raises KeyboardInterrupt after a Stop) and completion_status "success"; on an Exception it prints
+  it with its traceback, marks completion_status "failed" (with a generic completion_details, as the real
+  SDK writes) and re-raises. KeyboardInterrupt is not an Exception: it passes through unrecorded.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import time
 import traceback
 from pathlib import Path
 
+import transformerlab.plugin  # noqa: F401  (as the real SDK: fails at import under transformerlab 0.1.x)
+from lab import Job
+
 
 class DotDict(dict):
     """A dict whose keys read as attributes (None when missing)."""
@@ -39,38 +45,6 @@ class DotDict(dict):
 
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
-class StandInJob:
-    """The job's index.json under the fake workspace; every write replaces the file whole."""
-
-    def __init__(self, job_id: str):
-        workspace = Path(os.environ["TFL_WORKSPACE_DIR"])
-        self.path = workspace / "jobs" / str(job_id) / "index.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            self._write({"id": str(job_id), "status": "RUNNING", "progress": 0, "job_data": {}})
-
-    def read(self) -> dict:
-        return json.loads(self.path.read_text())
-
-    def _write(self, data: dict) -> None:
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path)
-
-    def update(self, **fields) -> None:
-        data = self.read()
-        data.update(fields)
-        self._write(data)
-
-    def get_job_data(self) -> dict:
-        return self.read().get("job_data", {})
-
-    def update_job_data_field(self, key, value) -> None:
-        data = self.read()
-        data.setdefault("job_data", {})[key] = value
-        self._write(data)
 
 
 class TrainerTLabPlugin:
@@ -101,10 +75,10 @@ class TrainerTLabPlugin:
         self._parsed = True
 
     @property
-    def job(self) -> StandInJob:
+    def job(self) -> Job:
         if self._job is None:
             self._ensure_args_parsed()
-            self._job = StandInJob(self.params.job_id)
+            self._job = Job(self.params.job_id)
         return self._job
 
     # -- reporting
@@ -112,9 +86,9 @@ class TrainerTLabPlugin:
         self.job.update_job_data_field(key, value)
 
     def progress_update(self, progress) -> None:
-        self.job.update(progress=progress)
+        self.job.update_progress(progress)
         if self.job.get_job_data().get("stop", False):
-            self.job.update(status="STOPPED")
+            self.job.update_status("STOPPED")
             raise KeyboardInterrupt("Job stopped by user")
 
     def log_metric(self, metric_name: str, metric_value: float, step: int | None = None) -> None:

@@ -1,0 +1,407 @@
+"""Whole jobs through the two command lines, `loreft train` against `mlx_lm lora`, as a user runs them.
+
+Each job is a fresh process on the same rows: a random-weight model of a public shape saved as an mlx-lm
+folder (a byte-level tokenizer: one token per character), rows of exactly --seq tokens whose last quarter is
+the completion (`--mask-prompt` for mlx-lm, so both train on the same targets), batch --batch, --steps steps.
+For each job: wall time end to end (start to exit: load, compile, train, save), the process's GPU memory as
+nvidia-smi reports it (peak, and at the end, just before exit), MLX's own active-memory peak, steady tokens/s
+counted both ways (every token of the rows; supervised tokens only, which is what mlx-lm prints), and the
+number of kernels in each job's MLX kernel folder (a cold job starts with an empty one).
+
+    python bench/cold_start.py --plan cold --out cold.json            # cold then warm, both tools
+    python bench/cold_start.py --plan memory --out memory.json        # loreft's buffer-cache policies, and LoRA
+    python bench/cold_start.py --plan checkpoint --out ckpt.json      # 2k and 4k tokens, recompute on and off
+    python bench/cold_start.py --plan decode --out decode.json        # decode: adapter, base, mlx-lm's generate
+
+Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty. mlx-lm runs as
+its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PY = sys.executable
+LORA_METRICS = "lora-metrics.jsonl"  # mlx-lm's train reports, written by lora_worker beside its adapter
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model folder and the rows
+
+
+def char_tokenizer(path: Path):
+    """A byte-level tokenizer with no merges (one token per ASCII character) and a chat template that only joins
+    the messages (then EOS after the assistant's), so mlx-lm's prompt/completion rows are loreft's rows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(["a"], trainer=trainers.BpeTrainer(vocab_size=len(alphabet) + len(specials),
+                                                               special_tokens=specials, initial_alphabet=alphabet))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+    fast.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}<|eos|>"
+                          "{% endif %}{% endfor %}")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def prepare(work: Path, shape: str, dtype: str, seq: int, rows: int, seed: int = 0) -> tuple[Path, Path]:
+    """(model folder, data folder) under work, built once."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from bench.shapes import SHAPES, build_model
+
+    model_dir, data_dir = work / f"model-{shape}-{dtype}", work / f"data-{seq}"
+    if not (model_dir / "model.safetensors").is_file():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tok = char_tokenizer(model_dir)
+        config = {**SHAPES[shape], "torch_dtype": dtype, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+        (model_dir / "config.json").write_text(json.dumps(config))
+        model = build_model(shape, dtype, seed)
+        mx.save_safetensors(str(model_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    if not (data_dir / "train.jsonl").is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        prompt = 3 * seq // 4  # completion: seq - prompt tokens, its EOS included
+
+        def row():
+            text = "".join(rng.choice(letters, seq - 1))
+            return json.dumps({"prompt": text[:prompt], "completion": text[prompt:]}) + "\n"
+
+        (data_dir / "train.jsonl").write_text("".join(row() for _ in range(rows)))
+        (data_dir / "valid.jsonl").write_text("".join(row() for _ in range(16)))
+    return model_dir, data_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring one job
+
+
+class GpuMemory:
+    """nvidia-smi's memory.used of GPU 0 (MiB), sampled every interval seconds while a job runs."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.samples, self._stop = interval, [], threading.Event()
+        self.available = shutil.which("nvidia-smi") is not None
+
+    @staticmethod
+    def read() -> float | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=10)
+            return float(out.stdout.strip().splitlines()[0])
+        except Exception:
+            return None
+
+    def _run(self):
+        while not self._stop.is_set():
+            value = self.read()
+            if value is not None:
+                self.samples.append((time.perf_counter(), value))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.idle = self.read() if self.available else None
+        if self.available:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+
+def kernel_modules(folder: Path) -> dict:
+    """Files and distinct kernel modules (a module's files share a name up to the extension) in a kernel folder."""
+    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    return {"files": len(files), "modules": len({f.name.split(".")[0] for f in files}),
+            "names": sorted({f.name.split(".")[0] for f in files})}
+
+
+PARTIAL: list[Path] = []  # where each finished job's row is appended (a run cut short keeps what it measured)
+
+
+def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_dir: Path) -> dict:
+    """Run one job as its own process; wall time, nvidia-smi memory, and its log."""
+    log = log_dir / f"{label}.log"
+    print(f"== {label}: {' '.join(cmd[:4])} ...", flush=True)
+    with GpuMemory() as mem, open(log, "w") as out:
+        t0 = time.perf_counter()
+        full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset it for this job
+        code = subprocess.run(cmd, env=full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        t1 = time.perf_counter()
+    text = log.read_text()
+    row = {"label": label, "returncode": code, "wall_s": round(t1 - t0, 2), "cmd": cmd, "env": env}
+    if mem.samples:
+        used, idle = [v for _, v in mem.samples], mem.idle or 0
+        # at the end: the last sample while the process still held memory (MLX keeps it until the process is gone)
+        end = next((v for v in reversed(used) if v > idle + 64), idle)
+        row.update(gpu_idle_mib=mem.idle, gpu_peak_mib=max(used), gpu_end_mib=end,
+                   process_peak_gb=(max(used) - idle) * 2**20 / 1e9, process_end_gb=(end - idle) * 2**20 / 1e9)
+    if kernel_dir is not None:
+        k = kernel_modules(kernel_dir)
+        row.update(kernel_files=k["files"], kernel_modules=k["modules"], kernel_names=k["names"])
+    if code != 0:
+        row["log_tail"] = text[-3000:]
+    for path in PARTIAL:
+        with open(path, "a") as f:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}) + "\n")
+    print(f"   {label}: exit {code}, {row['wall_s']:.1f} s, nvidia-smi peak {row.get('process_peak_gb', float('nan')):.2f} GB, "
+          f"end {row.get('process_end_gb', float('nan')):.2f} GB, kernels {row.get('kernel_modules')}", flush=True)
+    return row
+
+
+def loreft_results(adapter_dir: Path, warm_reports: int = 1) -> dict:
+    """Steady tokens/s (reports after the first warm_reports, which hold the compile) and MLX's peak, from metrics.jsonl."""
+    path = adapter_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    steady = train[warm_reports:] or train
+    mean = lambda key: sum(r.get(key, 0) for r in steady) / len(steady)  # noqa: E731
+    return {"tokens_per_s_all": mean("tokens_per_sec"), "tokens_per_s_supervised": mean("supervised_tokens_per_sec"),
+            "mlx_active_peak_gb": max(r["peak_memory_gb"] for r in train), "final_loss": train[-1]["loss"]}
+
+
+def lora_results(adapter_dir: Path, batch: int, seq: int, warm_reports: int = 1) -> dict:
+    """The same figures from mlx-lm's train reports (its tokens_per_second counts supervised tokens)."""
+    path = adapter_dir / LORA_METRICS
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    steady = rows[warm_reports:] or rows
+    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    return {"tokens_per_s_all": mean("iterations_per_second") * batch * seq,
+            "tokens_per_s_supervised": mean("tokens_per_second"),
+            "mlx_active_peak_gb": max(r["peak_memory"] for r in rows), "final_loss": rows[-1]["train_loss"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two commands
+
+
+def loreft_cmd(model: Path, data: Path, adapter: Path, a, extra: list[str] = (), policy: str = "") -> list[str]:
+    args = ["train", "--model", str(model), "--data", str(data), "--adapter-dir", str(adapter), "--iters", str(a.steps),
+            "--batch-size", str(a.batch), "--rank", "8", "--layers", "all", "--positions", "f7+l7",
+            "--learning-rate", "1e-4", "--lr-schedule", "constant", "--warmup-ratio", "0", "--max-seq-length", str(a.seq),
+            "--steps-per-report", str(a.report), "--steps-per-eval", "0", "--max-eval-batches", "1", "--dtype", a.dtype,
+            *extra]
+    return [PY, str(Path(__file__).resolve()), "--loreft-worker", policy or "default", "--", *args]
+
+
+def lora_cmd(model: Path, data: Path, adapter: Path, a, extra: list[str] = ()) -> list[str]:
+    return [PY, str(Path(__file__).resolve()), "--lora-worker", "--", "--model", str(model), "--train", "--data", str(data), "--adapter-path", str(adapter),
+            "--iters", str(a.steps), "--batch-size", str(a.batch), "--num-layers", "-1", "--learning-rate", "1e-4",
+            "--max-seq-length", str(a.seq), "--mask-prompt", "--steps-per-report", str(a.report),
+            "--steps-per-eval", "100000", "--val-batches", "1", "--save-every", "100000", *extra]
+
+
+def loreft_worker(policy: str, args: list[str]) -> int:
+    """`loreft train` in this process, with a buffer-cache policy: default (the library's), or limit=<GB> (the
+    library's plus mx.set_cache_limit)."""
+    import loreft.backend
+
+    loreft.backend.setup()  # as the CLI does, before mlx.core is imported (main() below calls it again: no-op)
+    import mlx.core as mx
+
+    from loreft.cli import main
+
+    try:
+        import datasets  # noqa: F401
+    except ImportError:  # the CLI reads data through HF datasets, as users run it
+        raise SystemExit("bench/cold_start.py: the HF `datasets` package is missing; carry its wheel (and pyarrow's) "
+                         "to this machine") from None
+    if policy.startswith("limit="):
+        mx.set_cache_limit(int(float(policy.split("=")[1]) * 1e9))
+    return main(args)
+
+
+def lora_worker(args: list[str]) -> int:
+    """`mlx_lm lora` in this process (its own main), recording its train reports as JSON lines beside the adapter."""
+    import mlx_lm.lora as lora
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    path = Path(args[args.index("--adapter-path") + 1]) / LORA_METRICS
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(info) + "\n")
+
+    lora.get_reporting_callbacks = lambda *a, **kw: Record()  # run() takes its callback from here
+    sys.argv = ["mlx_lm.lora", *args]
+    lora.main()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans
+
+
+def plan_cold(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
+    """Each tool cold (empty kernel folder), then warm (the folder its cold job filled)."""
+    cache_home = work / "cache-home"  # loreft's default kernel folder lives under $XDG_CACHE_HOME
+    lora_kernels = work / "kernels-lora"
+    for d in (cache_home, lora_kernels):
+        shutil.rmtree(d, ignore_errors=True)
+    import mlx.core as mx
+
+    loreft_kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
+    # this process's own set-up may have set MLX_PTX_CACHE_DIR: the job must find its default by itself
+    loreft_env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None}
+    lora_env = {"MLX_PTX_CACHE_DIR": str(lora_kernels)}
+    rows = []
+    for phase in ("cold", "warm"):
+        ad = work / f"adapter-loreft-{phase}"
+        row = run_job(f"loreft-{phase}", loreft_cmd(model, data, ad, a), loreft_env, loreft_kernels, logs)
+        rows.append({**row, **loreft_results(ad)})
+        ad = work / f"adapter-lora-{phase}"
+        row = run_job(f"lora-{phase}", lora_cmd(model, data, ad, a), lora_env, lora_kernels, logs)
+        rows.append({**row, **lora_results(ad, a.batch, a.seq)})
+    return rows
+
+
+def plan_memory(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
+    """loreft under each buffer-cache policy (warm kernels), then mlx-lm LoRA, same job."""
+    rows = []
+    for policy in a.policies.split(","):
+        ad = work / f"adapter-memory-{policy}"
+        row = run_job(f"loreft-{policy}", loreft_cmd(model, data, ad, a, policy=policy), {}, None, logs)
+        rows.append({**row, "policy": policy, **loreft_results(ad)})
+    ad = work / "adapter-memory-lora"
+    row = run_job("lora", lora_cmd(model, data, ad, a), {}, None, logs)
+    rows.append({**row, **lora_results(ad, a.batch, a.seq)})
+    return rows
+
+
+def plan_checkpoint(a, work: Path, logs: Path) -> list[dict]:
+    """Long rows: each tool with and without recomputing activations, at each length (same tokens per step)."""
+    rows = []
+    for seq in (int(s) for s in a.lengths.split(",")):
+        b = argparse.Namespace(**{**vars(a), "seq": seq, "batch": max(1, a.tokens_per_step // seq)})
+        model, data = prepare(work, a.shape, a.dtype, seq, b.batch * b.steps + 8)
+        for on in (False, True):
+            tag = f"{seq}-{'recompute' if on else 'keep'}"
+            ad = work / f"adapter-ckpt-loreft-{tag}"
+            row = run_job(f"loreft-{tag}", loreft_cmd(model, data, ad, b, ["--grad-checkpoint"] if on else []), {}, None, logs)
+            rows.append({**row, "seq": seq, "batch": b.batch, "grad_checkpoint": on, **loreft_results(ad)})
+            ad = work / f"adapter-ckpt-lora-{tag}"
+            row = run_job(f"lora-{tag}", lora_cmd(model, data, ad, b, ["--grad-checkpoint"] if on else []), {}, None, logs)
+            rows.append({**row, "seq": seq, "batch": b.batch, "grad_checkpoint": on,
+                         **lora_results(ad, b.batch, seq)})
+    return rows
+
+
+def plan_decode(a, model: Path, adapter: Path, repeats: int, prompt_len: int, new_tokens: int) -> dict:
+    """Greedy decode tokens/s, interleaved repeats: mlx-lm's stream_generate on the plain model (what `mlx_lm
+    generate` prints), loreft's stream_responses without and with the adapter (its own model copy)."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+
+    from loreft.adapter import load_adapter
+    from loreft.generate import stream_responses
+
+    plain, tokenizer = mlx_lm.load(str(model))
+    adapted, _ = mlx_lm.load(str(model))
+    reft = load_adapter(adapted, str(adapter))
+    prompt = "".join(np.random.default_rng(1).choice(list("abcdefghij"), prompt_len))
+    ids = tokenizer.encode(prompt)
+
+    def mlx_lm_base():
+        return list(mlx_lm.stream_generate(plain, tokenizer, ids, max_tokens=new_tokens))[-1]
+
+    runs = {"mlx_lm generate, base": mlx_lm_base,
+            "loreft, base (no adapter)": lambda: list(stream_responses(plain, tokenizer, ids, None, max_tokens=new_tokens))[-1],
+            "loreft, adapter": lambda: list(stream_responses(adapted, tokenizer, ids, reft, max_tokens=new_tokens))[-1]}
+    speeds = {k: [] for k in runs}
+    tokens = {}
+    for name, fn in runs.items():
+        fn()  # warm up
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            r = fn()
+            speeds[name].append(r.generation_tps)
+            tokens[name] = r.generation_tokens
+        mx.clear_cache()
+    med = {k: float(np.median(v)) for k, v in speeds.items()}
+    out = {"prompt_tokens": len(ids), "new_tokens": tokens, "repeats": repeats, "tokens_per_s": speeds, "median": med,
+           "adapter_over_loreft_base": med["loreft, adapter"] / med["loreft, base (no adapter)"],
+           "adapter_over_mlx_lm_base": med["loreft, adapter"] / med["mlx_lm generate, base"]}
+    for k, v in med.items():
+        print(f"   decode {k:<28} {v:8.1f} tok/s (median of {repeats})", flush=True)
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--loreft-worker":
+        return loreft_worker(sys.argv[2], sys.argv[4:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--lora-worker":
+        return lora_worker(sys.argv[3:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--plan", choices=["cold", "memory", "checkpoint", "decode"], required=True)
+    p.add_argument("--work", default="/tmp/loreft-cold-start", help="models, data, adapters and kernel folders")
+    p.add_argument("--shape", default="qwen2-0.5b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--report", type=int, default=10, help="steps per report (the first report holds the compile)")
+    p.add_argument("--policies", default="default,limit=2", help="memory plan: loreft's policies (default, limit=<GB>)")
+    p.add_argument("--lengths", default="2048,4096", help="checkpoint plan: row lengths")
+    p.add_argument("--tokens-per-step", type=int, default=8192, help="checkpoint plan: batch = this / length")
+    p.add_argument("--adapter", help="decode plan: adapter folder (default: the cold plan's warm loreft adapter)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    work = Path(a.work)
+    PARTIAL.append(Path(a.out + ".partial.jsonl"))
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, data = prepare(work, a.shape, a.dtype, a.seq, a.batch * a.steps + 8)
+    print(f"prepared {model.name}, {data.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    result = {"plan": a.plan, "args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    try:
+        import mlx.core as mx
+
+        result["mlx"] = mx.__version__
+        result["device"] = {k: str(v) for k, v in mx.device_info().items()}
+    except Exception:
+        pass
+    if a.plan == "cold":
+        result["rows"] = plan_cold(a, model, data, work, logs)
+    elif a.plan == "memory":
+        result["rows"] = plan_memory(a, model, data, work, logs)
+    elif a.plan == "checkpoint":
+        result["rows"] = plan_checkpoint(a, work, logs)
+    else:
+        result["decode"] = plan_decode(a, model, Path(a.adapter or work / "adapter-loreft-warm"), a.repeats, 128, 256)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
