@@ -3,6 +3,7 @@
     python -m bench                 # the CPU suite here (about 3-4 minutes on 2 cores), the GPU suite on CUDA
     python -m bench --suite gpu     # Qwen2-0.5B and Llama-3.2-1B shapes, bf16, batch 8 x 512
     python -m bench --quick         # fewer steps (a smoke test)
+    python -m bench --suite serve   # serving: loreft serve + adapter vs mlx_lm.server (bench/serving.py)
 
 Each MLX setting runs in a worker process (the CPU suite runs it twice: with loreft.blas's fast BLAS
 and with LOREFT_NO_FAST_BLAS=1, since the BLAS is chosen before mlx.core loads); pyreft runs in its
@@ -156,7 +157,7 @@ def detect_suite() -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--suite", choices=["auto", "cpu", "gpu", "serve"], default="auto")
     p.add_argument("--quick", action="store_true", help="fewer steps and no lever variants")
     p.add_argument("--tiny", action="store_true", help="dry run: the suite's plan on a tiny shape, one step each")
     p.add_argument("--only", choices=["all", "mlx", "pyreft"], default="all")
@@ -168,6 +169,11 @@ def main(argv=None) -> None:
     p.add_argument("--worker-timeout", type=float, help="seconds per worker process; a late one is stopped, its finished comparisons kept")
     p.add_argument("--out", help="JSON path (default runs/bench/<suite>-<time>.json; a .md table is written beside it)")
     args = p.parse_args(argv)
+    if args.suite == "serve":  # its own script and options: python bench/serving.py --help
+        from bench.serving import main as serving
+
+        serving((["--max-tokens", "32", "--concurrency", "1,8"] if args.quick else []) + (["--out", args.out] if args.out else []))
+        return
 
     name = detect_suite() if args.suite == "auto" else args.suite
     plan = tiny(suite(name, args.quick)) if args.tiny else suite(name, args.quick)

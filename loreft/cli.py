@@ -1,8 +1,9 @@
-"""The `loreft` command: train, generate, eval and demo.
+"""The `loreft` command: train, generate, eval, serve and demo.
 
     loreft train --model M --data D [--config job.yaml] [--rank 8 ...]   every PARAMETERS entry is a flag
     loreft generate --adapter A --prompt "..."                            the adapter's base model by default
     loreft eval --adapter A --data D                                      loss, perplexity, exact match
+    loreft serve --model M --adapter A [--adapter NAME=B ...]               an OpenAI-compatible server
     loreft demo [--tiny]                                                  SmolLM2 (or the tiny random model), end to end
     loreft convert MODEL.gguf OUT_DIR                                     a GGUF file as an mlx-lm model folder
 
@@ -235,6 +236,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the base model and every adapter, then serve them over HTTP until interrupted."""
+    from .adapter import read_adapter_config
+    from .job import load_model
+
+    try:
+        from .serve import Served, adapter_name, serve
+    except ImportError as e:
+        print(f"{PROG}: error: loreft serve needs {e.name}: pip install 'mlx-loreft[serve]'", file=sys.stderr)
+        return 2
+    specs = [adapter_name(spec) for spec in args.adapter or []]
+    names = [name for name, _ in specs]
+    metas = []
+    for _, path in specs:  # every adapter is checked before the model loads
+        try:
+            metas.append(read_adapter_config(path))
+        except ValueError as e:
+            raise ConfigError("adapter", path, str(e)) from None
+    if len(set(names)) != len(names):
+        raise ConfigError("adapter", names, "two adapters have the same name; name them with NAME=PATH")
+    model_name = args.model or (metas[0].get("base_model") if metas else None)
+    if not model_name:
+        raise ConfigError("model", model_name, "pass --model (or an adapter that records its base model)")
+    if model_name in names:
+        raise ConfigError("adapter", model_name, "an adapter may not have the base model's name")
+    for option, low in (("port", 0), ("max_batch", 1), ("max_tokens", 1), ("temp", 0), ("context_length", 2)):
+        if getattr(args, option) is not None and getattr(args, option) < low:
+            raise ConfigError(option, getattr(args, option), f"must be at least {low}")
+
+    import mlx.core as mx
+
+    model, tokenizer = load_model(model_name, args.dtype, args.dequantize)
+    mx.eval(model.parameters())  # materialized here, before the batcher's thread uses them
+    served = Served(model, tokenizer, model_name, max_batch=args.max_batch, context_length=args.context_length,
+                    default_max_tokens=args.max_tokens, default_temperature=args.temp)
+    for name, path in specs:
+        try:
+            served.add_adapter(name, path)
+        except ValueError as e:  # e.g. trained on a model of another size
+            raise ConfigError("adapter", path, str(e)) from None
+    print(f"Serving {model_name}" + (f" with adapters {', '.join(names)}" if names else "")
+          + f" at http://{args.host}:{args.port}/v1", flush=True)
+    api_key = args.api_key or os.environ.get("LOREFT_API_KEY")
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"{PROG}: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    serve(served, host=args.host, port=args.port, api_key=api_key)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The persona demo on SmolLM2, or with --tiny on the embedded random model (see loreft.demo)."""
     from .demo import run_demo, run_tiny_demo
@@ -260,7 +311,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of the `loreft` command."""
     parser = argparse.ArgumentParser(prog=PROG, description="Representation finetuning (LoReFT) for mlx-lm models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,demo,convert}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,serve,demo,convert}")
 
     train = sub.add_parser("train", help="train a ReFT adapter",
                            description="Train a ReFT adapter. Every parameter is a flag; --config reads them from "
@@ -301,6 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     ev.add_argument("--base", action="store_true", help="also evaluate the base model without the adapter")
     ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="serve the base model and adapters over an OpenAI-compatible HTTP API",
+                         description="An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models). "
+                                     "A request's model picks the base model (--model) or an adapter by name.")
+    srv.add_argument("--model", help="base model (default: the first adapter's base model)")
+    srv.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
+                     help="adapter folder to serve, named NAME or after its folder; repeat for several")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LOREFT_API_KEY, "
+                                                     "else no key)")
+    srv.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
+    srv.add_argument("--dequantize", default="auto", choices=PARAMS_BY_NAME["dequantize"].enum,
+                     help=_flag_help(PARAMS_BY_NAME["dequantize"]))
+    srv.add_argument("--max-batch", type=int, default=32, help="requests generated together (default: 32)")
+    srv.add_argument("--max-tokens", type=int, default=512, help="completion budget when a request sets none")
+    srv.add_argument("--temp", type=float, default=0.0, help="temperature when a request sets none (default: 0, greedy)")
+    srv.add_argument("--context-length", type=int, default=None,
+                     help="longest prompt + completion (default: the model config's max_position_embeddings)")
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="teach SmolLM2 to answer in emoji; base vs adapter answers to new prompts")
     demo.add_argument("--tiny", action="store_true", help="the embedded tiny random model instead (no package needed)")

@@ -8,14 +8,27 @@ so decode steps run the plain model (ReftBlock skips calls past Locations.end).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+import itertools
+import queue
+import threading
+import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
-from mlx_lm.generate import GenerationResponse, PromptProcessingBatch, StopSequences, generation_stream
+from mlx_lm.generate import (
+    GenerationBatch,
+    GenerationResponse,
+    PromptProcessingBatch,
+    StopSequences,
+    generation_stream,
+)
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 from .config import ConfigError, check_number
 from .data import encode_prompt
@@ -178,10 +191,7 @@ def batch_generate(
 ) -> list[list[int]]:
     """Generate for several tokenized prompts in one batch; the generated ids per prompt, EOS excluded.
 
-    Uses mlx-lm's batch classes: prompts are prefilled right-padded and the KV cache is then rolled to
-    left padding (BatchKVCache), which keeps one offset per row counting that row's real tokens. The
-    wrapper subtracts that offset, so the locations are each prompt's own (unpadded) positions. The last
-    prompt token goes through the first decode step; the edit is switched off right after it.
+    Uses mlx-lm's batch classes (see start_decoding), with the edit at each prompt's own positions.
     edit=False runs the base model (reft's locations stay off) for side-by-side comparisons.
     """
     check_sampling(max_tokens, temp, top_p)
@@ -195,23 +205,256 @@ def batch_generate(
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=float(temp), top_p=float(top_p))
-    stop = StopSequences([[t] for t in tokenizer.eos_token_ids])
+    stop = eos_stop(tokenizer)
     locations = reft.locations([len(p) for p in prompts]) if reft is not None and edit else None
 
     out: dict[int, list[int]] = {b: [] for b in range(B)}
     with editing(model, reft, locations), mx.stream(generation_stream):
-        batch = PromptProcessingBatch(
-            model, list(range(B)), [make_prompt_cache(model) for _ in range(B)],
-            prefill_step_size=prefill_step_size, samplers=[sampler] * B, fallback_sampler=sampler,
-            logits_processors=[[] for _ in range(B)], max_tokens=limits, stop_sequences=[stop] * B,
-        )
-        if any(len(p) > 1 for p in prompts):
-            batch.prompt([p[:-1] for p in prompts])
-        decoding = batch.generate([p[-1:] for p in prompts])  # builds the step on the last prompt tokens
-        if reft is not None:
-            reft.set_locations(None)  # finished rows leave the batch later; the edit is done by now
+        decoding = start_decoding(model, reft if edit else None, list(range(B)), prompts, [sampler] * B, limits, stop,
+                                  prefill_step_size)
         while len(decoding):
             for r in decoding.next():
                 if r.finish_reason != "stop":
                     out[r.uid].append(r.token)
     return [out[b] for b in range(B)]
+
+
+def eos_stop(tokenizer) -> StopSequences:
+    """Stop at any of the tokenizer's EOS tokens (finish_reason 'stop'; the EOS itself is not output)."""
+    return StopSequences([[t] for t in tokenizer.eos_token_ids])
+
+
+def start_decoding(model, reft, uids: list[int], prompts: list[list[int]], samplers: list, max_tokens: list[int],
+                   stop: StopSequences, prefill_step_size: int = 2048) -> GenerationBatch:
+    """Prefill these prompts with the edit on and return mlx-lm's GenerationBatch, ready to decode.
+
+    reft's locations must be set for these prompts (None: the base model). Prompts are prefilled
+    right-padded and the KV cache is then rolled to left padding (BatchKVCache), which keeps one offset
+    per row counting that row's real tokens; the wrapper subtracts it, so the locations are each prompt's
+    own (unpadded) positions. The last prompt token goes through the batch's first decode step, built
+    here; the edit is switched off right after it, so every later step runs the plain model.
+    """
+    B = len(prompts)
+    batch = PromptProcessingBatch(
+        model, list(uids), [make_prompt_cache(model) for _ in range(B)], prefill_step_size=prefill_step_size,
+        samplers=list(samplers), fallback_sampler=samplers[0], logits_processors=[[] for _ in range(B)],
+        max_tokens=list(max_tokens), stop_sequences=[stop] * B,
+    )
+    if any(len(p) > 1 for p in prompts):
+        batch.prompt([p[:-1] for p in prompts])
+    decoding = batch.generate([p[-1:] for p in prompts])  # builds the step on the last prompt tokens
+    if reft is not None:
+        reft.set_locations(None)  # the edit is done by now
+    return decoding
+
+
+# ---------------------------------------------------------------------------------------------------
+# Continuous batching: requests join and leave the decode batch between steps (loreft serve)
+
+
+def request_sampler(temp: float, top_p: float = 1.0, seed: int | None = None):
+    """A sampler for one request; a seed gives it its own random key, so its tokens do not depend on the batch.
+
+    Requests without a seed share one sampler per (temp, top_p), so a batch of them samples in one call.
+    """
+    check_sampling(1, temp, top_p)
+    if seed is None or temp == 0:
+        return _shared_sampler(float(temp), float(top_p))
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, step_key = mx.random.split(key)
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1 / temp), key=step_key)
+
+    return sample
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_sampler(temp: float, top_p: float):
+    return make_sampler(temp=temp, top_p=top_p)
+
+
+@dataclass
+class Request:
+    """One generation request: prompt ids, its adapter (None: the base model), budget, sampling.
+
+    emit(token, finish_reason) is called on the batcher's thread for each generated token (token None
+    with finish_reason 'stop' at EOS, which is not output; 'length' comes with the last token; 'error'
+    when generation failed). It must return quickly (hand the token to another thread).
+    """
+
+    ids: list[int]
+    reft: Reft | None
+    max_tokens: int
+    emit: Callable[[int | None, str | None], None]
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    uid: int = -1
+
+
+class ContinuousBatcher:
+    """Generate for many requests at once on one thread: new requests join the decode batch between steps.
+
+    New requests are prefilled in groups sharing an adapter, with that adapter's edit on (start_decoding),
+    then merged into the running batch, whose steps run the plain model for every row. Finished and
+    cancelled requests leave the batch at the next step. All MLX work runs on the batcher's own thread.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 32, prefill_batch: int = 8,
+                 prefill_step_size: int = 2048):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError("max_batch", max_batch, "must be an integer >= 1")
+        self.model, self.max_batch, self.prefill_step_size = model, max_batch, prefill_step_size
+        self.prefill_batch = prefill_batch  # prompts admitted per step: running rows keep decoding meanwhile
+        self.stop = eos_stop(tokenizer)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: list[Request] = []
+        self._running: dict[int, Request] = {}
+        self._decoding: GenerationBatch | None = None
+        self._uids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.steps = 0  # decode steps run
+        self.peak = 0  # most requests decoded together so far
+
+    # -- called from any thread
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its uid (for cancel). Bad sampling settings raise ConfigError here."""
+        check_sampling(request.max_tokens, request.temp, request.top_p)
+        if not request.ids:
+            raise ConfigError("prompt", request.ids, "must not be empty: interventions edit prompt tokens")
+        request.uid = next(self._uids)
+        self._inbox.put(("submit", request))
+        return request.uid
+
+    def cancel(self, uid: int) -> None:
+        """Drop a request (a client went away): its slot is free from the next step on."""
+        self._inbox.put(("cancel", uid))
+
+    def call(self, fn: Callable) -> Future:
+        """Run fn() on the batcher's thread between steps (e.g. attach an adapter); its result as a Future."""
+        future: Future = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
+    def active(self) -> tuple[int, int]:
+        """(requests decoding, requests waiting); a snapshot, read without locking."""
+        return len(self._running), len(self._waiting)
+
+    def start(self) -> "ContinuousBatcher":
+        """Start the batcher's thread."""
+        self._thread = threading.Thread(target=self._loop, name="loreft-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop generating after the current step; unfinished requests are dropped."""
+        if self._thread is not None:
+            self._inbox.put(("close", None))
+            self._closed.wait()
+            self._thread = None
+
+    # -- the batcher's thread
+
+    def _loop(self) -> None:
+        model_was_training = self.model.training
+        self.model.eval()
+        try:
+            with mx.stream(mx.default_stream(mx.default_device())):  # this thread's own (MLX streams are per thread)
+                while self._read_inbox(block=not (self._running or self._waiting)):
+                    try:
+                        self._admit()
+                        self._step()
+                    except Exception as e:  # a failed step ends the requests in it, never the server
+                        self._fail_all(e)
+        finally:
+            self.model.train(model_was_training)
+            self._closed.set()
+        # Park rather than end: MLX aborts the process at exit when a thread that ran work on its own
+        # stream has ended. The thread is a daemon, so it never holds the process open.
+        threading.Event().wait()
+
+    def _read_inbox(self, block: bool) -> bool:
+        """Apply every queued message (waiting for one if block); False once closed."""
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "close":
+                return False
+            if kind == "submit":
+                self._waiting.append(item)
+            elif kind == "cancel":
+                self._drop(item)
+            elif kind == "call":
+                fn, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:
+                        future.set_exception(e)
+
+    def _drop(self, uid: int) -> None:
+        self._waiting = [r for r in self._waiting if r.uid != uid]
+        if uid in self._running:
+            del self._running[uid]
+            keep = [i for i, u in enumerate(self._decoding.uids) if u != uid]
+            self._decoding.filter(keep)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests (as many as fit) and merge them into the running batch."""
+        room = min(self.max_batch - len(self._running), self.prefill_batch)
+        if room <= 0 or not self._waiting:
+            return
+        admitted, self._waiting = self._waiting[:room], self._waiting[room:]
+        groups: dict[int, list[Request]] = {}
+        for r in admitted:
+            groups.setdefault(id(r.reft), []).append(r)
+        for group in groups.values():
+            reft = group[0].reft
+            prompts = [r.ids for r in group]
+            locations = reft.locations([len(p) for p in prompts]) if reft is not None else None
+            with editing(self.model, reft, locations):
+                samplers = [request_sampler(r.temp, r.top_p, r.seed) for r in group]  # on this thread: its stream
+                new = start_decoding(self.model, reft, [r.uid for r in group], prompts, samplers,
+                                     [r.max_tokens for r in group], self.stop, self.prefill_step_size)
+            self._running.update((r.uid, r) for r in group)
+            self.peak = max(self.peak, len(self._running))
+            if self._decoding is None:
+                self._decoding = new
+            else:
+                self._decoding.extend(new)
+
+    def _step(self) -> None:
+        """One decode step for every running request; hand each its token."""
+        if not self._running:
+            return
+        responses = self._decoding.next()
+        self.steps += 1
+        for r in responses:
+            request = self._running.get(r.uid)
+            if request is None:
+                continue
+            if r.finish_reason is not None:
+                del self._running[r.uid]
+            token = None if r.finish_reason == "stop" else r.token
+            try:
+                request.emit(token, r.finish_reason)
+            except Exception:  # a broken consumer only loses its own request
+                if r.finish_reason is None:
+                    self._drop(r.uid)
+
+    def _fail_all(self, error: Exception) -> None:
+        traceback.print_exception(error)  # the operator sees why; each client gets finish_reason 'error'
+        failed = list(self._running.values()) + self._waiting
+        self._running, self._waiting, self._decoding = {}, [], None
+        for request in failed:
+            with contextlib.suppress(Exception):
+                request.emit(None, "error")

