@@ -4,7 +4,8 @@
     loreft generate --adapter A --prompt "..."                            the adapter's base model by default
     loreft eval --adapter A --data D                                      loss, perplexity, exact match
     loreft serve --model M --adapter A [--adapter NAME=B ...]               an OpenAI-compatible server
-    loreft demo                                                           the embedded tiny model, end to end
+    loreft demo [--tiny]                                                  SmolLM2 (or the tiny random model), end to end
+    loreft convert MODEL.gguf OUT_DIR                                     a GGUF file as an mlx-lm model folder
 
 Bad input (a parameter, a data file, an adapter or model folder) is reported on one line naming the field,
 file or line, with exit code 2, before any model loads where it can be known then; --debug shows the traceback.
@@ -138,13 +139,13 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str):
+def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str, dequantize: str = "auto"):
     """(model, tokenizer, reft, metadata of the first adapter): the base model is the adapter's own unless given.
 
     Several adapters load onto the one base model and edit together (a ReftStack).
     """
     from .adapter import AdapterError, base_model_warning, load_adapter, read_adapter_config, read_weights
-    from .job import check_model, load_model, model_shape
+    from .job import check_model, load_model, model_shape  # (the loader lives in models.py)
     from .model import ReftStack
 
     paths = [adapters] if isinstance(adapters, str) else list(adapters)
@@ -163,7 +164,7 @@ def _load_with_adapter(adapters: str | list[str], model: str | None, dtype: str)
         warning = base_model_warning(m, name, p)
         if warning:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    base, tokenizer = load_model(name, dtype)
+    base, tokenizer = load_model(name, dtype, dequantize)
     refts = [load_adapter(base, p) for p in paths]
     return base, tokenizer, refts[0] if len(refts) == 1 else ReftStack(refts), meta
 
@@ -173,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import check_sampling, format_prompt, stream_generate
 
     check_sampling(args.max_tokens, args.temp, args.top_p)
-    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype)
+    model, tokenizer, reft, meta = _load_with_adapter(args.adapter, args.model, args.dtype, args.dequantize)
     formatting = None if args.raw else meta.get("formatting")
     options = {"max_tokens": args.max_tokens, "temp": args.temp, "top_p": args.top_p, "seed": args.seed}
     for text in args.prompt:
@@ -213,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = args.split if args.split != "auto" else next(s for s in ("test", "valid", "train") if s in splits)
     if name not in splits:
         raise DataError(f"{args.data} has no {name!r} split; it has: {', '.join(splits)}")
-    model, tokenizer, reft, meta = _load_with_adapter(adapter, args.model, args.dtype)
+    model, tokenizer, reft, meta = _load_with_adapter(adapter, args.model, args.dtype, args.dequantize)
     rows = splits[name]
     if args.max_examples:
         rows = rows.select(range(min(args.max_examples, len(rows)))) if hasattr(rows, "select") else rows[: args.max_examples]
@@ -266,7 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import mlx.core as mx
 
-    model, tokenizer = load_model(model_name, args.dtype)
+    model, tokenizer = load_model(model_name, args.dtype, args.dequantize)
     mx.eval(model.parameters())  # materialized here, before the batcher's thread uses them
     served = Served(model, tokenizer, model_name, max_batch=args.max_batch, context_length=args.context_length,
                     default_max_tokens=args.max_tokens, default_temperature=args.temp)
@@ -286,10 +287,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default, end to end (see loreft.demo.run_demo)."""
-    from .demo import run_demo
+    """The persona demo on SmolLM2, or with --tiny on the embedded random model (see loreft.demo)."""
+    from .demo import run_demo, run_tiny_demo
 
-    run_demo(out_dir=args.out, cache_dir=args.cache_dir, epochs=args.epochs)
+    run = run_tiny_demo if args.tiny else run_demo
+    run(out_dir=args.out, cache_dir=args.cache_dir, epochs=args.epochs)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write an mlx-lm model folder for a GGUF file."""
+    from .gguf import convert
+
+    out = convert(args.gguf, args.out_dir)
+    print(f"Wrote {out} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
     return 0
 
 
@@ -300,7 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of the `loreft` command."""
     parser = argparse.ArgumentParser(prog=PROG, description="Representation finetuning (LoReFT) for mlx-lm models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,serve,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,serve,demo,convert}")
 
     train = sub.add_parser("train", help="train a ReFT adapter",
                            description="Train a ReFT adapter. Every parameter is a flag; --config reads them from "
@@ -316,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "first one's prompt format and base model are used)" if several else ""))
         p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
         p.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
+        p.add_argument("--dequantize", default="auto", choices=PARAMS_BY_NAME["dequantize"].enum,
+                       help=_flag_help(PARAMS_BY_NAME["dequantize"]))
 
     gen = sub.add_parser("generate", help="generate with an adapter")
     adapter_args(gen, several=True)
@@ -351,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LOREFT_API_KEY, "
                                                      "else no key)")
     srv.add_argument("--dtype", default="auto", choices=PARAMS_BY_NAME["dtype"].enum, help="base model dtype")
+    srv.add_argument("--dequantize", default="auto", choices=PARAMS_BY_NAME["dequantize"].enum,
+                     help=_flag_help(PARAMS_BY_NAME["dequantize"]))
     srv.add_argument("--max-batch", type=int, default=32, help="requests generated together (default: 32)")
     srv.add_argument("--max-tokens", type=int, default=512, help="completion budget when a request sets none")
     srv.add_argument("--temp", type=float, default=0.0, help="temperature when a request sets none (default: 0, greedy)")
@@ -358,12 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest prompt + completion (default: the model config's max_position_embeddings)")
     srv.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="train on the embedded tiny model and show generations before and after")
+    demo = sub.add_parser("demo", help="teach SmolLM2 to answer in emoji; base vs adapter answers to new prompts")
+    demo.add_argument("--tiny", action="store_true", help="the embedded tiny random model instead (no package needed)")
     demo.add_argument("--out", default=None, help="adapter folder (default: runs/demo)")
     demo.add_argument("--cache-dir", default=None, help="where the demo model is cached (default: $LOREFT_CACHE "
                                                         "or ~/.cache/mlx-loreft)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
     demo.set_defaults(func=cmd_demo)
+
+    conv = sub.add_parser("convert", help="write an mlx-lm model folder for a GGUF file (llama family)",
+                          description="Convert a GGUF file (llama architecture; F32, F16, Q8_0, Q4_0 or Q4_1 "
+                                      "tensors) into an mlx-lm model folder, keeping its quantization.")
+    conv.add_argument("gguf", help="the .gguf file")
+    conv.add_argument("out_dir", help="the model folder to write")
+    conv.set_defaults(func=cmd_convert)
     for command in sub.choices.values():  # every command, including ones added above this line
         command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser

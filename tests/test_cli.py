@@ -162,10 +162,11 @@ def test_sigterm_stops_loreft_train_with_the_adapter_saved(tmp_path, tiny_model_
     assert (adapter / "loss.png").is_file()
 
 
-def test_demo_runs_and_learns(tmp_path, capsys):
-    """A shortened demo: the model is built into the cache once, the loss falls, the answers are shown."""
+def test_tiny_demo_runs_and_learns(tmp_path, capsys):
+    """A shortened tiny demo: the model is built into the cache once, the loss falls, the answers are shown."""
+
     cache, out = tmp_path / "cache", tmp_path / "demo"
-    assert cli.main(["demo", "--epochs", "40", "--cache-dir", str(cache), "--out", str(out)]) == 0
+    assert cli.main(["demo", "--tiny", "--epochs", "40", "--cache-dir", str(cache), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("before:") == printed.count("after:") >= 3
     assert "Exact answers on the 10 training prompts" in printed

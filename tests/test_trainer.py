@@ -12,21 +12,12 @@ import pytest
 
 from loreft import ReftConfig, TrainConfig, attach, load_adapter
 import loreft.trainer as trainer_module
-from loreft.data import Example, Formatter, collate, pad_id_for, tokenize_rows
-from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
+from loreft.data import Example, collate
 from loreft.reporting import Callback
 from loreft.loss import completion_loss, stage_batches, supervised_positions
 from loreft.trainer import LoopOptions, NonFiniteLossError, make_optimizer, train
 
 REFT = ReftConfig(layers="1;2", rank=2, positions="f1+l1", seed=0)
-
-
-@pytest.fixture(scope="module")
-def examples(tiny_model_dir):
-    _, tok = mlx_lm.load(str(tiny_model_dir))
-    fmt = Formatter(tok, prompt_template=DEMO_PROMPT_TEMPLATE, completion_template=DEMO_COMPLETION_TEMPLATE)
-    ex, _ = tokenize_rows(DEMO_ROWS, fmt, tok, 128)
-    return ex, pad_id_for(tok)
 
 
 def fresh(tiny_model_dir, cfg=REFT):

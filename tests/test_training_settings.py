@@ -12,20 +12,10 @@ import pytest
 
 from loreft import ReftConfig, TrainConfig, attach
 from loreft.config import ConfigError
-from loreft.data import Formatter, pad_id_for, tokenize_rows
-from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
 from loreft.reporting import Callback
 from loreft.trainer import NonFiniteLossError, train
 
 REFT = dict(layers="1;2", rank=2, positions="f1+l1", seed=0)
-
-
-@pytest.fixture(scope="module")
-def examples(tiny_model_dir):
-    _, tok = mlx_lm.load(str(tiny_model_dir))
-    fmt = Formatter(tok, prompt_template=DEMO_PROMPT_TEMPLATE, completion_template=DEMO_COMPLETION_TEMPLATE)
-    ex, _ = tokenize_rows(DEMO_ROWS, fmt, tok, 128)
-    return ex, pad_id_for(tok)
 
 
 def fresh(tiny_model_dir, **kw):
