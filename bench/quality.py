@@ -47,7 +47,7 @@ MAX_SEQ_LENGTH = 256
 MAIN_REFT = {"intervention": "loreft", "layers": "3;9;18;24", "positions": "f5+l5", "rank": 4, "share_weights": False}
 LORA = {"num_layers": 16, "rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx_lm lora's defaults
 SUITES = {
-    "default": {"steps": 60, "batch_size": 8, "reft_lrs": [3e-3, 1e-2], "lora_lrs": [1e-4, 5e-4], "test": 100, "valid": 32},
+    "default": {"steps": 40, "batch_size": 8, "reft_lrs": [3e-3, 1e-2], "lora_lrs": [1e-4, 5e-4], "test": 100, "valid": 16},
     "quick": {"steps": 20, "batch_size": 8, "reft_lrs": [1e-2], "lora_lrs": [5e-4], "test": 30, "valid": 16},
 }
 ABLATIONS = [  # (what changes, the LoReFT setting): one setting moved at a time from MAIN_REFT
