@@ -62,3 +62,21 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
     from loreft.gguf import convert
 
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model")
+
+
+@pytest.fixture(scope="session")
+def stop_after():
+    """A factory of callbacks that ask training to stop once `step` steps are done (as Ctrl-C or the app's Stop would)."""
+    from loreft.reporting import Callback
+
+    class StopAfter(Callback):
+        def __init__(self, step):
+            self.step, self.seen = step, 0
+
+        def on_step(self, step, total):
+            self.seen = step
+
+        def should_stop(self):
+            return self.seen >= self.step
+
+    return StopAfter

@@ -133,22 +133,12 @@ def test_same_seed_same_run_and_other_seed_differs(tiny_model_dir, examples, tmp
     assert runs[0] != runs[2]
 
 
-def test_resume_equals_uninterrupted_run(tiny_model_dir, examples, tmp_path):
+def test_resume_equals_uninterrupted_run(tiny_model_dir, examples, tmp_path, stop_after):
     ex, pad = examples
     config = cfg(epochs=4, save_every=3, grad_accumulation_steps=1, lr_schedule="cosine", warmup_ratio=0.2)
     full = train(fresh(tiny_model_dir), ex, None, config, tmp_path / "full", pad_id=pad)
 
-    class StopAt(Callback):
-        def __init__(self, n):
-            self.n, self.step = n, 0
-
-        def on_step(self, step, total):
-            self.step = step
-
-        def should_stop(self):
-            return self.step >= self.n
-
-    part = train(fresh(tiny_model_dir), ex, None, config, tmp_path / "run", pad_id=pad, callbacks=[StopAt(7)])
+    part = train(fresh(tiny_model_dir), ex, None, config, tmp_path / "run", pad_id=pad, callbacks=[stop_after(7)])
     assert part["stopped"] and part["steps"] == 7
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000006"
     assert ckpt.is_dir()

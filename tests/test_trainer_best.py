@@ -20,7 +20,7 @@ import pytest
 from loreft import ConfigError, ReftConfig, TrainConfig, attach
 from loreft.data import Formatter, pad_id_for, tokenize_rows
 from loreft.demo import DEMO_COMPLETION_TEMPLATE, DEMO_PROMPT_TEMPLATE, DEMO_ROWS
-from loreft.reporting import Callback, TensorBoardLogger, WandbLogger
+from loreft.reporting import TensorBoardLogger, WandbLogger
 from loreft.trainer import latest_checkpoint, train
 
 REFT = ReftConfig(layers="1;2", rank=2, positions="f1+l1", seed=0)
@@ -117,18 +117,9 @@ def test_patience_stops_at_the_right_evaluation(tiny_model_dir, data, tmp_path, 
     assert same(weights(out), weights(out / "checkpoints" / f"step-{best_step:07d}"))
 
 
-class StopAfter(Callback):
-    def __init__(self, step):
-        self.step, self.seen = step, 0
-
-    def on_step(self, step, total):
-        self.seen = step
-
-    def should_stop(self):
-        return self.seen >= self.step
 
 
-def test_resume_keeps_the_best_so_far(tiny_model_dir, data, tmp_path):
+def test_resume_keeps_the_best_so_far(tiny_model_dir, data, tmp_path, stop_after):
     train_set, valid_set, pad = data
     whole = tmp_path / "whole"
     train(fresh(tiny_model_dir), train_set, valid_set, cfg(), whole, pad_id=pad)
@@ -136,7 +127,7 @@ def test_resume_keeps_the_best_so_far(tiny_model_dir, data, tmp_path):
     assert best_step < 4  # the best comes before the checkpoint the second run resumes from
 
     parts = tmp_path / "parts"
-    stopped = train(fresh(tiny_model_dir), train_set, valid_set, cfg(), parts, pad_id=pad, callbacks=[StopAfter(5)])
+    stopped = train(fresh(tiny_model_dir), train_set, valid_set, cfg(), parts, pad_id=pad, callbacks=[stop_after(5)])
     assert stopped["stopped"] and stopped["steps"] == 5
     resumed = train(fresh(tiny_model_dir), train_set, valid_set, cfg(), parts, pad_id=pad,
                     resume_from=parts / "checkpoints" / "step-0000004")

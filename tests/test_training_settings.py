@@ -101,22 +101,12 @@ def test_max_eval_batches_caps_validation(tiny_model_dir, examples, tmp_path, ca
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_resume_from_the_middle_of_an_epoch_equals_an_uninterrupted_run(tiny_model_dir, examples, tmp_path, accumulate):
+def test_resume_from_the_middle_of_an_epoch_equals_an_uninterrupted_run(tiny_model_dir, examples, tmp_path, accumulate, stop_after):
     ex, pad = examples  # 10 examples in batches of 4: 3 steps an epoch, so step 4 is one batch into epoch 2
     config = cfg(epochs=3, save_every=4, grad_accumulation_steps=accumulate, lr_schedule="cosine", warmup_ratio=0.2)
     full = train(fresh(tiny_model_dir, dropout=0.2), ex, None, config, tmp_path / "full", pad_id=pad)
 
-    class StopAfter(Callback):
-        def __init__(self, n):
-            self.n, self.step = n, 0
-
-        def on_step(self, step, total):
-            self.step = step
-
-        def should_stop(self):
-            return self.step >= self.n
-
-    part = train(fresh(tiny_model_dir, dropout=0.2), ex, None, config, tmp_path / "run", pad_id=pad, callbacks=[StopAfter(5)])
+    part = train(fresh(tiny_model_dir, dropout=0.2), ex, None, config, tmp_path / "run", pad_id=pad, callbacks=[stop_after(5)])
     assert part["stopped"] and part["steps"] == 5
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000004"
     assert 4 % 3 != 0 and checkpoint.is_dir()
