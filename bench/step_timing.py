@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="rows per rank")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--data", choices=["completion", "all"], default="completion",
+                   help="completion: the last quarter of each row supervised; all: every token, edits at f7+l7 of the row "
+                        "(as the benchmark suite's main setting)")
     p.add_argument("--layers", default="all", help='"0": one intervention, at the bottom: about the base model\'s own step')
     p.add_argument("--inputs", choices=["staged", "per-step", "reuse"], default="staged",
                    help="staged: uploaded LoopOptions.stage_steps steps at a time, as train() does; per-step: six arrays "
@@ -72,7 +75,9 @@ def main() -> None:
         staged = []
         for _ in range(n):
             t0 = time.perf_counter()
-            if a.inputs == "staged":
+            if a.data == "all":  # not a prompt/completion Batch: made once, as bench/mlx_bench.py does
+                arrays = every_token
+            elif a.inputs == "staged":
                 staged = staged or stage_batches(reft, [batch] * LoopOptions.stage_steps)
                 arrays = staged.pop()
             else:
@@ -92,12 +97,14 @@ def main() -> None:
         wall = time.perf_counter() - start
         return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n}
 
+    every_token = (mx.array(tokens[:, :a.seq + 1]), mx.ones((a.batch, a.seq)), reft.locations([a.seq] * a.batch).as_arrays(),
+                   None, mx.array(tokens.size))
     fixed = batch_arrays(reft, batch)
     mx.eval(fixed)
     run(3, True)  # compile and warm up
     queued, lockstep = run(a.steps, False), run(a.steps, True)
     row = {"rank": world.rank(), "world": world.size(), "batch": a.batch, "seq": a.seq, "layers": a.layers,
-           "inputs": a.inputs, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+           "inputs": a.inputs, "data": a.data, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
            "queued_ms": {k: round(v, 2) for k, v in queued.items()}, "lockstep_ms": round(lockstep["step"], 2),
            "tokens_per_sec_per_rank": round(a.batch * a.seq / queued["step"] * 1e3)}
     print(json.dumps(row), flush=True)
