@@ -8,6 +8,7 @@ seconds: on a machine other jobs share they hold up better than timings. Model s
 in the samples too; more steps make them smaller.
 
     python bench/cpu_profile.py [--data all|completion] [--steps 20] [--pyreft-python PATH] [--top 12]
+    python bench/cpu_profile.py --shape smollm2-135m --batch 8 --seq 96 --data completion --steps 3 --no-pyreft
 """
 
 from __future__ import annotations
@@ -66,18 +67,22 @@ def profile(cmd: list[str], env: dict, out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--data", choices=["all", "completion"], default="all")
+    p.add_argument("--no-pyreft", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--pyreft-python", default=os.environ.get("PYREFT_PYTHON", "/tmp/pyreft-venv/bin/python"))
     p.add_argument("--top", type=int, default=12)
     a = p.parse_args()
-    shape = ["--shape", "llama-small", "--dtype", "float32", "--batch", "4", "--seq", "256"]
+    shape = ["--shape", a.shape, "--dtype", "float32", "--batch", str(a.batch), "--seq", str(a.seq)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ours = [sys.executable, str(ROOT / "bench" / "step_timing.py"), *shape, "--steps", str(a.steps), "--data", a.data]
         results["ours (MLX)"] = profile(ours, dict(os.environ), Path(tmp) / "ours")
-        if Path(a.pyreft_python).exists():
-            setting = {"shape": "llama-small", "batch": 4, "seq": 256, "dtype": "float32", "data": a.data,
+        if Path(a.pyreft_python).exists() and not a.no_pyreft:
+            setting = {"shape": a.shape, "batch": a.batch, "seq": a.seq, "dtype": "float32", "data": a.data,
                        "warmup": 2, "steps": a.steps, "rounds": 1}
             spec = Path(tmp) / "spec.json"
             spec.write_text(json.dumps({"device": "cpu", "peak_n": 64, "peak_iters": 1, "setting": setting}))

@@ -7,6 +7,8 @@ For the step `loreft.trainer.train` runs (built by `make_step`), on a random-wei
   queue  host time of mx.async_eval (encoding every kernel, and collectives, for the device)
   step   wall time per step with --steps steps queued back to back (the device's pace unless the host's is slower)
   lockstep  wall time per step when each step's loss is read before the next is queued
+  cpu    the process's CPU seconds per step (queued run): on a machine other jobs share, a steadier measure of
+         the work than wall time (with MKL_NUM_THREADS=1 it leaves out the BLAS threads' spin-waiting)
 A step whose prep + trace + queue is close to `step` is host-bound: a faster device would not help it.
 Runs under `mlx.launch` too (each rank reports its own numbers; the step then all-reduces gradients).
 
@@ -71,7 +73,7 @@ def main() -> None:
         spent = {"prep": 0.0, "trace": 0.0, "queue": 0.0}
         losses = []
         mx.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), sum(os.times()[:2])
         staged = []
         for _ in range(n):
             t0 = time.perf_counter()
@@ -94,8 +96,8 @@ def main() -> None:
             if lockstep:
                 results[0].item()
         mx.eval(losses)
-        wall = time.perf_counter() - start
-        return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n}
+        wall, cpu = time.perf_counter() - start, sum(os.times()[:2]) - cpu_start
+        return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n, "cpu": 1e3 * cpu / n}
 
     every_token = (mx.array(tokens[:, :a.seq + 1]), mx.ones((a.batch, a.seq)), reft.locations([a.seq] * a.batch).as_arrays(),
                    None, mx.array(tokens.size))
