@@ -4,9 +4,10 @@ mx.compile on a CPU writes each fused elementwise kernel as C++ and builds it by
 The Linux wheel passes no instruction-set flags, so g++ targets baseline x86-64: each fma in MLX's exp
 polynomial becomes a call into libm, and the loops stay scalar (exp, sigmoid: ~10 ns an element). A g++
 wrapper that adds -mavx2 -mfma (what MLX itself passes when it is built for AVX2), -fno-trapping-math and a
-larger inline limit lets g++ inline and vectorize those loops. The values do not change: the fmas were
-already fused (libm's fmaf rounds once too), g++ does not contract other products in C++17 mode, and the
-other two flags only allow if-conversion and inlining. Set LOREFT_NO_FAST_KERNELS=1 to keep MLX's command.
+larger inline limit to MLX's kernel builds (other compilations pass through) lets g++ inline and vectorize
+those loops. The values do not change: the fmas were already fused (libm's fmaf rounds once too), g++
+does not contract other products in C++17 mode, and the other two flags only allow if-conversion and
+inlining. Set LOREFT_NO_FAST_KERNELS=1 to keep MLX's command.
 
 MLX keeps built kernels in <temp>/mlx/<version>/cpu and never rebuilds one that is there, so the first
 setup() with the wrapper empties that folder once (a marker file records the flags it was built with).
@@ -54,8 +55,16 @@ def _mlx_kernel_dir(version: str) -> Path:
 
 
 def _write_wrapper(folder: Path, compiler: str) -> None:
-    """folder/g++: the real compiler with FLAGS (written only when missing or different)."""
-    text = f'#!/bin/sh\n# written by loreft.backend.setup(): MLX\'s fused CPU kernels, vectorized\nexec "{compiler}" {FLAGS} "$@"\n'
+    """folder/g++: the real compiler, with FLAGS for MLX's kernel builds only (written when missing or different)."""
+    text = (
+        "#!/bin/sh\n"
+        "# written by loreft.backend.setup(): MLX's fused CPU kernels (built in <temp>/mlx/<version>/cpu) vectorized;\n"
+        "# any other compilation passes through unchanged\n"
+        'case "$*" in\n'
+        f'  *-shared*/mlx/*/cpu/*) exec "{compiler}" {FLAGS} "$@" ;;\n'
+        f'  *) exec "{compiler}" "$@" ;;\n'
+        "esac\n"
+    )
     path = folder / "g++"
     if path.is_file() and path.read_text() == text:
         return
@@ -83,14 +92,16 @@ def enable(mlx_version: str) -> bool:
     if _active:
         return True
     try:
+        folder = _cache_root() / "cpu-jit"
         if os.environ.get(OPT_OUT_ENV, "").strip() not in ("", "0"):
+            # a parent process's wrapper on PATH would still apply the flags: leave it out
+            os.environ["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != str(folder))
             return False
         if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
             return False  # macOS builds its kernels with Accelerate's vectors; the flags are x86 ones
         compiler = shutil.which("g++")
         if compiler is None or not _cpu_has("avx2", "fma"):
             return False
-        folder = _cache_root() / "cpu-jit"
         if Path(compiler).resolve() == (folder / "g++").resolve():
             _active = True  # already first on PATH (a child of a process that ran setup)
             return True

@@ -66,6 +66,11 @@ def test_wrapper_vectorizes_kernels_and_keeps_values(tmp_path):
     assert plain["libs"] and any(plain["libs"].values()), plain["libs"]
     assert fast["libs"] and not any(fast["libs"].values()), fast["libs"]
     assert fast["rows"] == plain["rows"] and fast["silu"] == plain["silu"]  # bit for bit
+    # any other compilation through the wrapper keeps the compiler's own target
+    macros = subprocess.run([fast["path0"] + "/g++", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True)
+    real = shutil.which("g++", path=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not p.endswith("cpu-jit")))
+    plain_macros = subprocess.run([real, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True)
+    assert macros.returncode == 0 and macros.stdout == plain_macros.stdout
     x = np.random.default_rng(0).normal(0, 4, (64, 1000))
     want = np.exp(x - x.max(-1, keepdims=True)).sum(-1)
     np.testing.assert_allclose(fast["rows"], want, rtol=1e-5)
