@@ -131,11 +131,16 @@ class GpuMemory:
             self._thread.join()
 
 
-def kernel_modules(folder: Path) -> dict:
-    """Files and distinct kernel modules (a module's files share a name up to the extension) in a kernel folder."""
+def kernel_modules(folder: Path, since: float = 0.0) -> dict:
+    """Files and distinct kernel modules (a module's files share a name up to the extension) in a kernel folder,
+    and when each module written after `since` (epoch s) appeared: the gaps between them show what each costs."""
     files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
-    return {"files": len(files), "modules": len({f.name.split(".")[0] for f in files}),
-            "names": sorted({f.name.split(".")[0] for f in files})}
+    first: dict[str, float] = {}
+    for f in files:
+        name, written = f.name.split(".")[0], f.stat().st_mtime
+        first[name] = min(written, first.get(name, written))
+    timeline = sorted((round(t - since, 2), n) for n, t in first.items() if t >= since)
+    return {"files": len(files), "modules": len(first), "names": sorted(first), "timeline": timeline}
 
 
 PARTIAL: list[Path] = []  # where each finished job's row is appended (a run cut short keeps what it measured)
@@ -146,7 +151,7 @@ def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_
     log = log_dir / f"{label}.log"
     print(f"== {label}: {' '.join(cmd[:4])} ...", flush=True)
     with GpuMemory() as mem, open(log, "w") as out:
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset it for this job
         code = subprocess.run(cmd, env=full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         t1 = time.perf_counter()
@@ -159,13 +164,13 @@ def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_
         row.update(gpu_idle_mib=mem.idle, gpu_peak_mib=max(used), gpu_end_mib=end,
                    process_peak_gb=(max(used) - idle) * 2**20 / 1e9, process_end_gb=(end - idle) * 2**20 / 1e9)
     if kernel_dir is not None:
-        k = kernel_modules(kernel_dir)
-        row.update(kernel_files=k["files"], kernel_modules=k["modules"], kernel_names=k["names"])
+        k = kernel_modules(kernel_dir, since=started)
+        row.update(kernel_files=k["files"], kernel_modules=k["modules"], kernel_names=k["names"], kernel_timeline=k["timeline"])
     if code != 0:
         row["log_tail"] = text[-3000:]
     for path in PARTIAL:
         with open(path, "a") as f:
-            f.write(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}) + "\n")
+            f.write(json.dumps({k: v for k, v in row.items() if k not in ("kernel_names", "kernel_timeline")}) + "\n")
     print(f"   {label}: exit {code}, {row['wall_s']:.1f} s, nvidia-smi peak {row.get('process_peak_gb', float('nan')):.2f} GB, "
           f"end {row.get('process_end_gb', float('nan')):.2f} GB, kernels {row.get('kernel_modules')}", flush=True)
     return row
