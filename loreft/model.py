@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ReftConfig, parse_layers
-from .interventions import Intervention, make_intervention
+from .interventions import Intervention, make_intervention, split_keys
 from .positions import Locations, group_names, prompt_locations
 
 
@@ -234,7 +234,7 @@ def attach(model: nn.Module, config: ReftConfig) -> Reft:
     blocks = _block_list(model)
     model.freeze()
     context = _Context()
-    keys = mx.random.split(mx.random.key(config.seed), len(layers) * len(groups))
+    keys = split_keys(mx.random.key(config.seed), len(layers) * len(groups))
     for li, layer in enumerate(layers):
         ivs = {
             g: make_intervention(config.intervention, hidden, config.rank, config.act_fn, config.dropout, keys[li * len(groups) + gi])

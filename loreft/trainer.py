@@ -65,6 +65,11 @@ def resolve_dtype(name: str) -> mx.Dtype:
 # Several processes: sums and rank 0's state
 
 
+def split_counts(counts: mx.array) -> list[mx.array]:
+    """The scalars of a stacked counts vector, as slices: integer indexing would add a gather kernel per use."""
+    return [c.squeeze(0) for c in mx.split(counts, counts.shape[0])]
+
+
 def sum_across_ranks(tree, group):
     """Sum every array of a tree over all ranks in one all-reduce per dtype (many small messages are slow)."""
     flat = [v for _, v in tree_flatten(tree)]
@@ -192,16 +197,18 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
             grad = tree_map(lambda a, b: a + b, grad, grad_sum)
         if update:
             counts, grad = sum_across_ranks((counts, grad), group)  # identity on one process
-            grad = tree_map(lambda g: g / (targets_before + counts[1]), grad)
+            loss_sum, target_count, token_count = split_counts(counts)
+            update_targets = targets_before + target_count
+            grad = tree_map(lambda g: g / update_targets, grad)
             if cfg.grad_clip > 0:
                 grad, _ = optim.clip_grad_norm(grad, cfg.grad_clip)
             optimizer.update(model, grad)
             accumulated = None
         else:
-            counts = sum_across_ranks(counts, group)
-            accumulated = (grad, targets_before + counts[1])
+            loss_sum, target_count, token_count = split_counts(sum_across_ranks(counts, group))
+            accumulated = (grad, targets_before + target_count)
         # the global batch's loss, target and token counts on every rank, and the learning rate it used
-        return counts[0] / counts[1], counts[1], counts[2], optimizer.learning_rate, accumulated
+        return loss_sum / target_count, target_count, token_count, optimizer.learning_rate, accumulated
 
     return (mx.compile(step, inputs=state, outputs=state) if options.compiled else step), state
 
