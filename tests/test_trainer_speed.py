@@ -210,3 +210,23 @@ def test_the_step_indexes_nothing_by_integer(tiny_model_dir, tmp_path):
     assert ops.count("Gather") == 2, ops.count("Gather")  # embedding lookup, supervised rows
     assert ops.count("Scatter") == 1  # the supervised rows' gradient (the embedding is frozen)
     assert ops.count("GatherAxis") <= 2  # the cross-entropy's target logit and its gradient
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_bias_corrected_adam_is_mlx_adam(weight_decay):
+    """BiasCorrectedAdam (corrections in one kernel) makes MLX's own Adam / AdamW(bias_correction=True) updates."""
+    from loreft.trainer import BiasCorrectedAdam
+
+    rng = np.random.default_rng(0)
+    params = {"w": mx.array(rng.normal(size=(6, 5)).astype(np.float32)), "b": mx.array(rng.normal(size=(5,)).astype(np.float32))}
+    schedule = optim.cosine_decay(1e-2, 7)
+    ours = BiasCorrectedAdam(learning_rate=schedule, weight_decay=weight_decay)
+    theirs = (optim.AdamW(learning_rate=schedule, weight_decay=weight_decay, bias_correction=True) if weight_decay
+              else optim.Adam(learning_rate=schedule, bias_correction=True))
+    a, b = dict(params), dict(params)
+    for t in range(6):
+        grads = {k: mx.array(rng.normal(size=v.shape).astype(np.float32)) for k, v in params.items()}
+        a, b = ours.apply_gradients(grads, a), theirs.apply_gradients(grads, b)
+        for k in params:
+            np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-6, atol=1e-7, err_msg=f"{k} step {t}")
+    assert not np.allclose(np.array(a["w"]), np.array(params["w"]))
