@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import mlx.core as mx
@@ -77,12 +78,19 @@ def split_at_head(model: nn.Module) -> tuple[Callable, Callable] | None:
     cap = getattr(model, "final_logit_softcapping", None) or getattr(getattr(model, "args", None), "final_logit_softcapping", None)
     if cap:
         head = _softcapped(head, cap)
+    # uncompiled: the model's own compiled helpers would otherwise build kernels for this tiny shape (on CUDA,
+    # seconds each on a cold start) that training never uses
+    compiling = os.environ.get("MLX_DISABLE_COMPILE", "") in ("", "0")
+    mx.disable_compile()
     try:
         probe = mx.array([[1, 2, 3, 0, 1]])
         want, got = model(probe), head(body(probe))
         same = want.shape == got.shape and mx.allclose(want.astype(mx.float32), got.astype(mx.float32), rtol=1e-5, atol=1e-5).item()
     except Exception:  # an unusual signature or output: stay on the full-logits path
         return None
+    finally:
+        if compiling:
+            mx.enable_compile()
     return (body, head) if same else None
 
 
