@@ -217,6 +217,8 @@ def main(argv=None) -> None:
             if result is not None:
                 record["workers"].append({"label": label, **result})
                 save()
+            if Path(env.get("TMPDIR", "")).name.startswith("bench-mlx-kernels-"):
+                shutil.rmtree(env["TMPDIR"], ignore_errors=True)  # that worker's own kernel folder
     if args.only in ("all", "pyreft") and not args.no_pyreft:
         py = pyreft_python(args)
         if py is None:
