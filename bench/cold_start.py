@@ -15,7 +15,8 @@ number of kernels in each job's MLX kernel folder (a cold job starts with an emp
     python bench/cold_start.py --plan decode --out decode.json        # decode: adapter, base, mlx-lm's generate
 
 Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty. mlx-lm runs as
-its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it.
+its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it,
+unless LOREFT_BENCH_LORA_FAST_BLAS=1 (then it gets the same fast BLAS as loreft).
 """
 
 from __future__ import annotations
@@ -244,7 +245,15 @@ def loreft_worker(policy: str, args: list[str]) -> int:
 
 
 def lora_worker(args: list[str]) -> int:
-    """`mlx_lm lora` in this process (its own main), recording its train reports as JSON lines beside the adapter."""
+    """`mlx_lm lora` in this process (its own main), recording its train reports as JSON lines beside the adapter.
+
+    LOREFT_BENCH_LORA_FAST_BLAS=1 gives it the fast BLAS that loreft uses on a Linux CPU (MLX's bundled
+    BLAS is 10-30x slower there), for a comparison of the methods rather than of the BLAS libraries.
+    """
+    if os.environ.get("LOREFT_BENCH_LORA_FAST_BLAS") == "1":
+        from loreft.blas import enable_fast_blas
+
+        enable_fast_blas()  # before mlx.core loads
     import mlx_lm.lora as lora
     from mlx_lm.tuner.callbacks import TrainingCallback
 
