@@ -232,6 +232,18 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(results: list[dict]) -> str:
+    """Markdown rows: each ablation's test accuracy against the main setting's, per task."""
+    lines = ["| task | changed | test | main setting's test | trainable | train s |", "|---|---|---|---|---|---|"]
+    for r in results:
+        main_test = r["loreft"]["chosen"]["test"]["accuracy"]
+        for a in r.get("ablations", []):
+            change = {k: v for k, v in a["setting"].items() if MAIN_REFT.get(k) != v}
+            lines.append(f"| {r['task']} | {', '.join(f'{k}={v}' for k, v in change.items())} | {a['test']['accuracy']:.2f} | "
+                         f"{main_test:.2f} | {a['trainable']:,} | {a['train_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Test accuracy against trainable parameters: one point per method and setting, one colour per task."""
     import matplotlib
@@ -312,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
             save()
     plot(results, out.with_suffix(".png"))
     print("\n" + summary_table(results))
+    if args.ablations:
+        print("\n" + ablation_table(results))
     print(f"\n{time.perf_counter() - tic:.0f} s in all; results in {out} and {out.with_suffix('.png')}")
 
 
