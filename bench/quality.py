@@ -27,6 +27,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import loreft.backend
 
@@ -96,8 +97,8 @@ class Scorer:
         return score(self.model, self.tokenizer, self.reft, task, rows)
 
 
-def train_loreft(model_path: str, task: Task, reft: dict, lr: float, cfg: dict, folder: Path) -> tuple[dict, Scorer]:
-    """Train with `loreft.job.run_job` (the path `loreft train` takes), then reload the adapter for scoring."""
+def train_loreft(model_path: str, task: Task, reft: dict, lr: float, cfg: dict, folder: Path) -> tuple[dict, Callable]:
+    """Train with `loreft.job.run_job` (the path `loreft train` takes); the result and a loader of the adapter."""
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     with open(data / "train.jsonl", "w") as f:
@@ -112,23 +113,36 @@ def train_loreft(model_path: str, task: Task, reft: dict, lr: float, cfg: dict, 
     summary = run_job(job, log=lambda *a, **k: None)
     job_time = time.perf_counter() - tic
     peak = mx.get_peak_memory()
-    model, tokenizer = load_model(model_path, job.train.dtype)
-    adapter = load_adapter(model, summary["adapter"])
+
+    def open_scorer() -> Scorer:
+        model, tokenizer = load_model(model_path, job.train.dtype)
+        return Scorer(model, tokenizer, load_adapter(model, summary["adapter"]))
+
     return ({"trainable": summary["trainable"], "train_time_s": summary["train_time_s"], "job_time_s": job_time,
-             "peak_memory_gb": peak / 1e9, "train_loss": summary["train_loss"]}, Scorer(model, tokenizer, adapter))
+             "peak_memory_gb": peak / 1e9, "train_loss": summary["train_loss"]}, open_scorer)
 
 
-def train_lora(model_path: str, task: Task, lr: float, cfg: dict, folder: Path) -> tuple[dict, Scorer]:
-    """Train mlx-lm's LoRA with its own tuner on the same rows, steps and batch size; the model, for scoring."""
+def train_lora(model_path: str, task: Task, lr: float, cfg: dict, folder: Path) -> tuple[dict, Callable]:
+    """Train mlx-lm's LoRA with its own tuner on the same rows, steps and batch size; the result and a loader."""
     from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
     from mlx_lm.tuner.trainer import TrainingArgs
     from mlx_lm.tuner.trainer import train as lora_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    def lora_model():
+        model, tokenizer = load_model(model_path, "auto")
+        model.freeze()
+        linear_to_lora_layers(model, LORA["num_layers"], {k: LORA[k] for k in ("rank", "scale", "dropout")})
+        return model, tokenizer
+
+    def open_scorer() -> Scorer:  # the weights mlx-lm's trainer saved at the end
+        model, tokenizer = lora_model()
+        model.load_weights(str(folder / "adapters.safetensors"), strict=False)
+        model.eval()
+        return Scorer(model, tokenizer)
+
     tic = time.perf_counter()
-    model, tokenizer = load_model(model_path, "auto")
-    model.freeze()
-    linear_to_lora_layers(model, LORA["num_layers"], {k: LORA[k] for k in ("rank", "scale", "dropout")})
+    model, tokenizer = lora_model()
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     rows = [{"messages": r["messages"]} for r in task.rows["train"]]
     dataset = CacheDataset(ChatDataset(rows, tokenizer, chat_key="messages", mask_prompt=True))
@@ -150,9 +164,8 @@ def train_lora(model_path: str, task: Task, lr: float, cfg: dict, folder: Path) 
     lora_train(model, optim.Adam(learning_rate=lr), dataset, None, args=args, training_callback=Losses())
     train_time = time.perf_counter() - train_tic
     peak = mx.get_peak_memory()
-    model.eval()
     return ({"trainable": trainable, "train_time_s": train_time, "job_time_s": time.perf_counter() - tic,
-             "peak_memory_gb": peak / 1e9, "train_loss": losses[-1] if losses else None}, Scorer(model, tokenizer))
+             "peak_memory_gb": peak / 1e9, "train_loss": losses[-1] if losses else None}, open_scorer)
 
 
 def best(runs: list[dict]) -> dict:
@@ -161,20 +174,21 @@ def best(runs: list[dict]) -> dict:
 
 
 def sweep(method: str, lrs: list[float], train, task: Task, cfg: dict) -> dict:
-    """Train at each rate and score it on validation; score only the chosen run on test."""
-    runs, scorers = [], {}
+    """Train at each rate and score it on validation; score only the chosen run on test.
+
+    Each model is loaded for scoring and dropped after, so no model but the one training is held while training."""
+    runs, loaders = [], {}
     for lr in lrs:
-        result, scorer = train(lr)
+        result, open_scorer = train(lr)
         # one rate: nothing to choose, so no validation pass
-        valid = scorer(task, task.rows["valid"][: cfg["valid"]]) if len(lrs) > 1 else {"accuracy": None}
+        valid = open_scorer()(task, task.rows["valid"][: cfg["valid"]]) if len(lrs) > 1 else {"accuracy": None}
         result = {"method": method, "learning_rate": lr, **result, "valid": valid}
         print(f"    {method:<7} lr={lr:<8g} valid {valid['accuracy']}  loss {result['train_loss']:.3f}  "
               f"train {result['train_time_s']:.0f}s  {result['trainable']:,} params", flush=True)
         runs.append(result)
-        chosen = best(runs)
-        scorers = {id(chosen): scorers.get(id(chosen), scorer)}  # keep only the best model so far in memory
+        loaders[id(result)] = open_scorer
     chosen = best(runs)
-    chosen["test"] = scorers[id(chosen)](task, task.rows["test"][: cfg["test"]])
+    chosen["test"] = loaders[id(chosen)]()(task, task.rows["test"][: cfg["test"]])
     print(f"    {method:<7} chosen lr={chosen['learning_rate']:g}: test {chosen['test']['accuracy']:.2f}", flush=True)
     return {"chosen": chosen, "sweep": runs}
 
@@ -184,8 +198,8 @@ def ablate(model_path: str, task: Task, lr: float, cfg: dict, work: Path, out: l
 
     Results are appended to out as they come, so a run cut short keeps the ones finished."""
     for what, change in ABLATIONS:
-        result, scorer = train_loreft(model_path, task, {**MAIN_REFT, **change}, lr, cfg, Path(tempfile.mkdtemp(dir=work)))
-        result["test"] = scorer(task, task.rows["test"][: cfg["test"]])
+        result, open_scorer = train_loreft(model_path, task, {**MAIN_REFT, **change}, lr, cfg, Path(tempfile.mkdtemp(dir=work)))
+        result["test"] = open_scorer()(task, task.rows["test"][: cfg["test"]])
         print(f"    ablate  {json.dumps(change):<28} test {result['test']['accuracy']:.2f}  loss {result['train_loss']:.3f}  "
               f"{result['trainable']:,} params  train {result['train_time_s']:.0f}s", flush=True)
         out.append({"what": what, "setting": {**MAIN_REFT, **change}, "learning_rate": lr, **result})

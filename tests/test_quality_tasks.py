@@ -87,13 +87,13 @@ def test_emoji_checker(answer, ok):
 # --- the suite's selection logic (bench/quality.py): rates chosen on validation, test scored once ---------------
 
 def run_stub(valid_acc, loss, test_acc, calls):
-    """A stand-in for a training run: its result and a scorer that records which split it scored."""
+    """A stand-in for a training run: its result and a loader of a scorer that records which split it scored."""
     def scorer(task, rows):
         split = "test" if rows[0] is task.rows["test"][0] else "valid"
         assert len(rows) == {"test": 5, "valid": 4}[split]  # the suite's sizes, not the whole split
         calls.append((valid_acc, loss, split))
         return {"accuracy": test_acc if split == "test" else valid_acc}
-    return {"trainable": 1, "train_time_s": 0.0, "train_loss": loss}, scorer
+    return {"trainable": 1, "train_time_s": 0.0, "train_loss": loss}, lambda: scorer
 
 
 def test_sweep_chooses_on_validation_and_scores_only_the_chosen_run_on_test(tasks):
