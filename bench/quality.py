@@ -10,8 +10,8 @@ Both are scored by the same greedy generation (loreft.evaluate.generate_all) and
 Each sweep point is scored on validation only; the test split is scored once per method, for the chosen rate.
 Ablations (--ablations) vary one LoReFT setting at a time around the main one, at its chosen rate, test only.
 
-    python -m bench.quality                 # the default suite (4 tasks; under 30 min on two CPU cores)
-    python -m bench.quality --quick         # fewer steps, one rate each, 30 test items: a smoke run
+    python -m bench.quality                 # the default suite: 4 tasks, 32 steps of 4, two rates per method
+    python -m bench.quality --quick         # a smoke run: emoji and capitals, 10 steps, one rate each, 30 test items
     python -m bench.quality --ablations     # also the ablation grid
     python -m bench.quality --ablations --rates-from bench/results/quality-default-DATE.json --tasks capitals
                                             # only the grid, at the rates an earlier run chose
@@ -301,7 +301,7 @@ def earlier_results(path: str, tasks: list[Task], cfg: dict) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer steps, one rate each, 30 test items")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: emoji and capitals, 10 steps, one rate each, 30 test items")
     parser.add_argument("--ablations", action="store_true", help="also vary one LoReFT setting at a time")
     parser.add_argument("--rates-from", default=None, metavar="RESULTS_JSON",
                         help="with --ablations: run only the grid, at the LoReFT rates this earlier run chose")
