@@ -34,6 +34,7 @@ import loreft.backend
 loreft.backend.setup()  # the fast BLAS on Linux CPUs: before MLX loads
 
 import mlx.core as mx
+import numpy as np
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
@@ -150,6 +151,7 @@ def train_lora(model_path: str, task: Task, lr: float, cfg: dict, folder: Path) 
                         steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=MAX_SEQ_LENGTH,
                         adapter_file=str(folder / "adapters.safetensors"))
     mx.random.seed(0)
+    np.random.seed(0)  # mlx-lm shuffles batches with numpy's global generator; `mlx_lm lora` seeds it (--seed 0) too
     losses = []
 
     class Losses:  # mlx-lm's callback protocol
