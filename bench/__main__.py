@@ -5,8 +5,9 @@
     python -m bench --quick         # fewer steps (a smoke test)
     python -m bench --suite serve   # serving: loreft serve + adapter vs mlx_lm.server (bench/serving.py)
 
-Each MLX setting runs in a worker process (the CPU suite runs it twice: with loreft.blas's fast BLAS
-and with LOREFT_NO_FAST_BLAS=1, since the BLAS is chosen before mlx.core loads); pyreft runs in its
+Each MLX setting runs in a worker process (the CPU suite runs three: with loreft.blas's fast BLAS, with
+the fast BLAS but MLX's own build of its fused kernels (LOREFT_NO_FAST_KERNELS=1), and with
+LOREFT_NO_FAST_BLAS=1, since both are chosen before mlx.core loads); pyreft runs in its
 own python (PYREFT_PYTHON or --pyreft-python; PYTHONPATH for it via --pyreft-pythonpath). Prints a
 table and writes JSON (and a markdown table) under runs/bench/ unless --out says otherwise.
 """
@@ -75,7 +76,14 @@ def suite(name: str, quick: bool) -> dict:
         }
         slow = {"device": "cpu", "peak_dtype": "float32", "peak_n": 512, "peak_iters": 3,
                 "comparisons": [{"setting": {**base, "warmup": 1, "steps": 1, "rounds": 2}, "runners": core_runners()}]}
-        workers = [("mlx cpu, fast BLAS", main, {}), ("mlx cpu, bundled BLAS", slow, {"LOREFT_NO_FAST_BLAS": "1"})]
+        # the same steps with MLX's own build of its fused CPU kernels (loreft.cpu_kernels off), in a temp folder
+        # of its own so that it does not load the kernels the first worker built with the wrapper's flags
+        plain_kernels = {"device": "cpu", "peak_dtype": "float32", "peak_n": 1024, "peak_iters": 5,
+                         "comparisons": [{"setting": base, "runners": core_runners()},
+                                         {"setting": {**base, "data": "completion"}, "runners": core_runners()}]}
+        plain_env = {"LOREFT_NO_FAST_KERNELS": "1", "TMPDIR": tempfile.mkdtemp(prefix="bench-mlx-kernels-")}
+        workers = [("mlx cpu, fast BLAS", main, {}), ("mlx cpu, fast BLAS, MLX's own kernel build", plain_kernels, plain_env),
+                   ("mlx cpu, bundled BLAS", slow, {"LOREFT_NO_FAST_BLAS": "1"})]
         pyreft = [{"device": "cpu", "peak_dtype": "float32", "peak_n": 1024, "peak_iters": 5, "setting": base}]
         return {"workers": workers, "pyreft": pyreft}
     timing = {"warmup": 2, "steps": 3, "rounds": 2} if quick else {"warmup": 3, "steps": 5, "rounds": 3}
@@ -209,6 +217,8 @@ def main(argv=None) -> None:
             if result is not None:
                 record["workers"].append({"label": label, **result})
                 save()
+            if Path(env.get("TMPDIR", "")).name.startswith("bench-mlx-kernels-"):
+                shutil.rmtree(env["TMPDIR"], ignore_errors=True)  # that worker's own kernel folder
     if args.only in ("all", "pyreft") and not args.no_pyreft:
         py = pyreft_python(args)
         if py is None:

@@ -1,20 +1,22 @@
 """Whole jobs through the two command lines, `loreft train` against `mlx_lm lora`, as a user runs them.
 
 Each job is a fresh process on the same rows: a random-weight model of a public shape saved as an mlx-lm
-folder (a byte-level tokenizer: one token per character), rows of exactly --seq tokens whose last quarter is
-the completion (`--mask-prompt` for mlx-lm, so both train on the same targets), batch --batch, --steps steps.
+folder (a byte-level tokenizer: one token per character), rows of exactly --seq tokens whose last quarter
+(or all after --prompt tokens) is the completion (`--mask-prompt` for mlx-lm, so both train on the same targets), batch --batch, --steps steps.
 For each job: wall time end to end (start to exit: load, compile, train, save), the process's GPU memory as
 nvidia-smi reports it (peak, and at the end, just before exit), MLX's own active-memory peak, steady tokens/s
 counted both ways (every token of the rows; supervised tokens only, which is what mlx-lm prints), and the
 number of kernels in each job's MLX kernel folder (a cold job starts with an empty one).
 
     python bench/cold_start.py --plan cold --out cold.json            # cold then warm, both tools
+    python bench/cold_start.py --plan speed --shape llama-3.2-1b --out s.json   # one job each, kernels kept
     python bench/cold_start.py --plan memory --out memory.json        # loreft's buffer-cache policies, and LoRA
     python bench/cold_start.py --plan checkpoint --out ckpt.json      # 2k and 4k tokens, recompute on and off
     python bench/cold_start.py --plan decode --out decode.json        # decode: adapter, base, mlx-lm's generate
 
 Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty. mlx-lm runs as
-its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it.
+its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it,
+unless LOREFT_BENCH_LORA_FAST_BLAS=1 (then it gets the same fast BLAS as loreft).
 """
 
 from __future__ import annotations
@@ -60,15 +62,16 @@ def char_tokenizer(path: Path):
     return fast
 
 
-def prepare(work: Path, shape: str, dtype: str, seq: int, rows: int, seed: int = 0) -> tuple[Path, Path]:
-    """(model folder, data folder) under work, built once."""
+def prepare(work: Path, shape: str, dtype: str, seq: int, rows: int, prompt: int | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """(model folder, data folder) under work, built once; rows of seq tokens whose first `prompt` are the prompt."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
     from bench.shapes import SHAPES, build_model
 
-    model_dir, data_dir = work / f"model-{shape}-{dtype}", work / f"data-{seq}"
+    prompt = 3 * seq // 4 if prompt is None else prompt  # completion: seq - prompt tokens, its EOS included
+    model_dir, data_dir = work / f"model-{shape}-{dtype}", work / f"data-{seq}-p{prompt}"
     if not (model_dir / "model.safetensors").is_file():
         model_dir.mkdir(parents=True, exist_ok=True)
         tok = char_tokenizer(model_dir)
@@ -80,7 +83,6 @@ def prepare(work: Path, shape: str, dtype: str, seq: int, rows: int, seed: int =
         data_dir.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
         letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-        prompt = 3 * seq // 4  # completion: seq - prompt tokens, its EOS included
 
         def row():
             text = "".join(rng.choice(letters, seq - 1))
@@ -131,11 +133,16 @@ class GpuMemory:
             self._thread.join()
 
 
-def kernel_modules(folder: Path) -> dict:
-    """Files and distinct kernel modules (a module's files share a name up to the extension) in a kernel folder."""
+def kernel_modules(folder: Path, since: float = 0.0) -> dict:
+    """Files and distinct kernel modules (a module's files share a name up to the extension) in a kernel folder,
+    and when each module written after `since` (epoch s) appeared: the gaps between them show what each costs."""
     files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
-    return {"files": len(files), "modules": len({f.name.split(".")[0] for f in files}),
-            "names": sorted({f.name.split(".")[0] for f in files})}
+    first: dict[str, float] = {}
+    for f in files:
+        name, written = f.name.split(".")[0], f.stat().st_mtime
+        first[name] = min(written, first.get(name, written))
+    timeline = sorted((round(t - since, 2), n) for n, t in first.items() if t >= since)
+    return {"files": len(files), "modules": len(first), "names": sorted(first), "timeline": timeline}
 
 
 PARTIAL: list[Path] = []  # where each finished job's row is appended (a run cut short keeps what it measured)
@@ -146,7 +153,7 @@ def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_
     log = log_dir / f"{label}.log"
     print(f"== {label}: {' '.join(cmd[:4])} ...", flush=True)
     with GpuMemory() as mem, open(log, "w") as out:
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset it for this job
         code = subprocess.run(cmd, env=full, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         t1 = time.perf_counter()
@@ -159,13 +166,13 @@ def run_job(label: str, cmd: list[str], env: dict, kernel_dir: Path | None, log_
         row.update(gpu_idle_mib=mem.idle, gpu_peak_mib=max(used), gpu_end_mib=end,
                    process_peak_gb=(max(used) - idle) * 2**20 / 1e9, process_end_gb=(end - idle) * 2**20 / 1e9)
     if kernel_dir is not None:
-        k = kernel_modules(kernel_dir)
-        row.update(kernel_files=k["files"], kernel_modules=k["modules"], kernel_names=k["names"])
+        k = kernel_modules(kernel_dir, since=started)
+        row.update(kernel_files=k["files"], kernel_modules=k["modules"], kernel_names=k["names"], kernel_timeline=k["timeline"])
     if code != 0:
         row["log_tail"] = text[-3000:]
     for path in PARTIAL:
         with open(path, "a") as f:
-            f.write(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}) + "\n")
+            f.write(json.dumps({k: v for k, v in row.items() if k not in ("kernel_names", "kernel_timeline")}) + "\n")
     print(f"   {label}: exit {code}, {row['wall_s']:.1f} s, nvidia-smi peak {row.get('process_peak_gb', float('nan')):.2f} GB, "
           f"end {row.get('process_end_gb', float('nan')):.2f} GB, kernels {row.get('kernel_modules')}", flush=True)
     return row
@@ -238,7 +245,15 @@ def loreft_worker(policy: str, args: list[str]) -> int:
 
 
 def lora_worker(args: list[str]) -> int:
-    """`mlx_lm lora` in this process (its own main), recording its train reports as JSON lines beside the adapter."""
+    """`mlx_lm lora` in this process (its own main), recording its train reports as JSON lines beside the adapter.
+
+    LOREFT_BENCH_LORA_FAST_BLAS=1 gives it the fast BLAS that loreft uses on a Linux CPU (MLX's bundled
+    BLAS is 10-30x slower there), for a comparison of the methods rather than of the BLAS libraries.
+    """
+    if os.environ.get("LOREFT_BENCH_LORA_FAST_BLAS") == "1":
+        from loreft.blas import enable_fast_blas
+
+        enable_fast_blas()  # before mlx.core loads
     import mlx_lm.lora as lora
     from mlx_lm.tuner.callbacks import TrainingCallback
 
@@ -260,12 +275,17 @@ def lora_worker(args: list[str]) -> int:
 # Plans
 
 
-def plan_cold(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
-    """Each tool cold (empty kernel folder), then warm (the folder its cold job filled)."""
+def plan_cold(a, model: Path, data: Path, work: Path, logs: Path, phases=("cold", "warm")) -> list[dict]:
+    """Each tool cold (empty kernel folder), then warm (the folder its cold job filled).
+
+    phases=("speed",): one job each with whatever the kernel folders hold (a cold plan run before, on any
+    shape, fills most of them): the steady speed of another shape or supervision without two cold starts.
+    """
     cache_home = work / "cache-home"  # loreft's default kernel folder lives under $XDG_CACHE_HOME
     lora_kernels = work / "kernels-lora"
-    for d in (cache_home, lora_kernels):
-        shutil.rmtree(d, ignore_errors=True)
+    if "cold" in phases:
+        for d in (cache_home, lora_kernels):
+            shutil.rmtree(d, ignore_errors=True)
     import mlx.core as mx
 
     loreft_kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
@@ -273,7 +293,7 @@ def plan_cold(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     loreft_env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None}
     lora_env = {"MLX_PTX_CACHE_DIR": str(lora_kernels)}
     rows = []
-    for phase in ("cold", "warm"):
+    for phase in phases:
         ad = work / f"adapter-loreft-{phase}"
         row = run_job(f"loreft-{phase}", loreft_cmd(model, data, ad, a), loreft_env, loreft_kernels, logs)
         rows.append({**row, **loreft_results(ad)})
@@ -361,13 +381,15 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--lora-worker":
         return lora_worker(sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--plan", choices=["cold", "memory", "checkpoint", "decode"], required=True)
+    p.add_argument("--plan", choices=["cold", "speed", "memory", "checkpoint", "decode"], required=True)
     p.add_argument("--work", default="/tmp/loreft-cold-start", help="models, data, adapters and kernel folders")
     p.add_argument("--shape", default="qwen2-0.5b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--prompt", type=int, default=None,
+                   help="prompt tokens per row (default 3/4 of --seq: the last quarter supervised; 14 with f7+l7: about every token)")
     p.add_argument("--report", type=int, default=10, help="steps per report (the first report holds the compile)")
     p.add_argument("--policies", default="default,limit=2", help="memory plan: loreft's policies (default, limit=<GB>)")
     p.add_argument("--lengths", default="2048,4096", help="checkpoint plan: row lengths")
@@ -381,7 +403,7 @@ def main() -> int:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, data = prepare(work, a.shape, a.dtype, a.seq, a.batch * a.steps + 8)
+    model, data = prepare(work, a.shape, a.dtype, a.seq, a.batch * a.steps + 8, a.prompt)
     print(f"prepared {model.name}, {data.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     result = {"plan": a.plan, "args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
@@ -391,8 +413,8 @@ def main() -> int:
         result["device"] = {k: str(v) for k, v in mx.device_info().items()}
     except Exception:
         pass
-    if a.plan == "cold":
-        result["rows"] = plan_cold(a, model, data, work, logs)
+    if a.plan in ("cold", "speed"):
+        result["rows"] = plan_cold(a, model, data, work, logs, ("cold", "warm") if a.plan == "cold" else ("speed",))
     elif a.plan == "memory":
         result["rows"] = plan_memory(a, model, data, work, logs)
     elif a.plan == "checkpoint":

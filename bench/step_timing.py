@@ -7,6 +7,8 @@ For the step `loreft.trainer.train` runs (built by `make_step`), on a random-wei
   queue  host time of mx.async_eval (encoding every kernel, and collectives, for the device)
   step   wall time per step with --steps steps queued back to back (the device's pace unless the host's is slower)
   lockstep  wall time per step when each step's loss is read before the next is queued
+  cpu    the process's CPU seconds per step (queued run): on a machine other jobs share, a steadier measure of
+         the work than wall time (with MKL_NUM_THREADS=1 it leaves out the BLAS threads' spin-waiting)
 A step whose prep + trace + queue is close to `step` is host-bound: a faster device would not help it.
 Runs under `mlx.launch` too (each rank reports its own numbers; the step then all-reduces gradients).
 
@@ -33,6 +35,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="rows per rank")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--data", choices=["completion", "all"], default="completion",
+                   help="completion: the last quarter of each row supervised; all: every token, edits at f7+l7 of the row "
+                        "(as the benchmark suite's main setting)")
     p.add_argument("--layers", default="all", help='"0": one intervention, at the bottom: about the base model\'s own step')
     p.add_argument("--inputs", choices=["staged", "per-step", "reuse"], default="staged",
                    help="staged: uploaded LoopOptions.stage_steps steps at a time, as train() does; per-step: six arrays "
@@ -68,11 +73,13 @@ def main() -> None:
         spent = {"prep": 0.0, "trace": 0.0, "queue": 0.0}
         losses = []
         mx.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), sum(os.times()[:2])
         staged = []
         for _ in range(n):
             t0 = time.perf_counter()
-            if a.inputs == "staged":
+            if a.data == "all":  # not a prompt/completion Batch: made once, as bench/mlx_bench.py does
+                arrays = every_token
+            elif a.inputs == "staged":
                 staged = staged or stage_batches(reft, [batch] * LoopOptions.stage_steps)
                 arrays = staged.pop()
             else:
@@ -89,15 +96,17 @@ def main() -> None:
             if lockstep:
                 results[0].item()
         mx.eval(losses)
-        wall = time.perf_counter() - start
-        return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n}
+        wall, cpu = time.perf_counter() - start, sum(os.times()[:2]) - cpu_start
+        return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n, "cpu": 1e3 * cpu / n}
 
+    every_token = (mx.array(tokens[:, :a.seq + 1]), mx.ones((a.batch, a.seq)), reft.locations([a.seq] * a.batch).as_arrays(),
+                   None, mx.array(tokens.size))
     fixed = batch_arrays(reft, batch)
     mx.eval(fixed)
     run(3, True)  # compile and warm up
     queued, lockstep = run(a.steps, False), run(a.steps, True)
     row = {"rank": world.rank(), "world": world.size(), "batch": a.batch, "seq": a.seq, "layers": a.layers,
-           "inputs": a.inputs, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+           "inputs": a.inputs, "data": a.data, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
            "queued_ms": {k: round(v, 2) for k, v in queued.items()}, "lockstep_ms": round(lockstep["step"], 2),
            "tokens_per_sec_per_rank": round(a.batch * a.seq / queued["step"] * 1e3)}
     print(json.dumps(row), flush=True)

@@ -14,7 +14,9 @@ _applied: dict | None = None  # what the first call did: later calls return it a
 
 
 def setup() -> dict:
-    """Fast BLAS on Linux CPUs, then the CUDA graph size and a lasting kernel cache on NVIDIA GPUs; returns what was applied.
+    """Fast BLAS and vectorized fused kernels on Linux CPUs, the CUDA graph size and a lasting kernel cache on NVIDIA GPUs.
+
+    Returns what was applied.
 
     Call it before mlx.core is first imported: libmlx binds its BLAS when it loads, so a later call
     cannot change it (it warns when that costs speed). Calling again returns the first call's result.
@@ -25,7 +27,11 @@ def setup() -> dict:
     from .blas import enable_fast_blas
 
     fast_blas = enable_fast_blas()  # warns if mlx.core came first and a faster BLAS was available
-    from .cuda import default_kernel_cache, tune_cuda_graphs  # imports mlx.core: after the BLAS
+    import mlx.core as mx  # after the BLAS
 
-    _applied = {"fast_blas": fast_blas, "cuda_graphs_tuned": tune_cuda_graphs(), "kernel_cache": default_kernel_cache()}
+    from . import cpu_kernels
+    from .cuda import default_kernel_cache, tune_cuda_graphs
+
+    _applied = {"fast_blas": fast_blas, "cpu_kernels": cpu_kernels.enable(mx.__version__),
+                "cuda_graphs_tuned": tune_cuda_graphs(), "kernel_cache": default_kernel_cache()}
     return _applied

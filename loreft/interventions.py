@@ -8,6 +8,7 @@ from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 ACT_FNS = {
     "linear": lambda x: x,
@@ -25,9 +26,10 @@ def unstack(x: mx.array) -> list[mx.array]:
     """x[0], x[1], ...: the same slices, with one stack of their cotangents as the gradient.
 
     The gradient of plain slicing is a zero-filled copy per slice, added up: one kernel per number of slices
-    (compiled separately on CUDA) and a pass over x per slice, where a stack is one copy.
+    (compiled separately on CUDA) and a pass over x per slice, where a stack is one copy. Range slices, not
+    integer indices, which MLX turns into gather kernels.
     """
-    return [x[i] for i in range(x.shape[0])]
+    return [x[i : i + 1].squeeze(0) for i in range(x.shape[0])]
 
 
 @unstack.vjp
@@ -46,14 +48,14 @@ def orthonormalize(a: mx.array) -> mx.array:
     """
     a = a.astype(mx.float32)
     r = a.shape[-1]
-    unit = mx.eye(r, dtype=a.dtype)
+    units = [mx.array(row) for row in np.eye(r, dtype=np.float32)]  # host constants: mx.eye is a scatter kernel
     q = mx.zeros_like(a)  # the orthonormal columns made so far, zeros after them
     for j, column in enumerate(unstack(mx.moveaxis(a, -1, 0))):
         v = column[..., None]  # (..., d, 1)
         for _ in range(2):  # second pass: "twice is enough" for float32 orthogonality
             # v - Q (Q^T v) as broadcast products and sums: tiny batched matmuls cost far more per op
             v = v - (q * (q * v).sum(axis=-2, keepdims=True)).sum(axis=-1, keepdims=True)
-        q = q + (v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True))) * unit[j]
+        q = q + (v / mx.sqrt(mx.sum(v * v, axis=-2, keepdims=True))) * units[j]
     return q
 
 
@@ -122,8 +124,9 @@ class Intervention(nn.Module):
         return orthonormalize(self.rotation) if cached is None else cached
 
 
-def _split(key: mx.array | None, n: int) -> list[mx.array]:
-    return mx.random.split(key if key is not None else mx.random.key(0), n)
+def split_keys(key: mx.array | None, n: int) -> list[mx.array]:
+    """n random keys from one, as mx.random.split; taken apart on the host (indexing them is a gather kernel)."""
+    return [mx.array(k) for k in np.array(mx.random.split(key if key is not None else mx.random.key(0), n))]
 
 
 # Three parameter layouts, as pyreft has them; each formula below picks one.
@@ -136,7 +139,7 @@ class _RotationLinear(Intervention):
 
     def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
         super().__init__(d, r, act_fn, dropout)
-        k1, k2, k3 = _split(key, 3)
+        k1, k2, k3 = split_keys(key, 3)
         self.rotation = _random_orthonormal(k1, d, r)
         self.weight = _uniform(k2, (r, d), 1 / math.sqrt(d))
         self.bias = _uniform(k3, (r,), 1 / math.sqrt(d))
@@ -147,7 +150,7 @@ class _TwoLinear(Intervention):
 
     def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
         super().__init__(d, r, act_fn, dropout)
-        k1, k2, k3, k4 = _split(key, 4)
+        k1, k2, k3, k4 = split_keys(key, 4)
         bound = 1 / math.sqrt(d)
         self.proj_weight = _uniform(k1, (r, d), bound)
         self.proj_bias = _uniform(k2, (r,), bound)
@@ -162,7 +165,7 @@ class _RotationBias(Intervention):
 
     def __init__(self, d, r, act_fn="linear", dropout=0.0, key=None):
         super().__init__(d, r, act_fn, dropout)
-        k1, k2 = _split(key, 2)
+        k1, k2 = split_keys(key, 2)
         self.rotation = _random_orthonormal(k1, d, r)
         self.bias = mx.random.uniform(0, 1, (r,), key=k2)
 

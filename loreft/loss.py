@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_kernels
 from .data import Batch
 from .model import Reft
 
@@ -19,7 +21,23 @@ PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct sha
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Next-token cross-entropy per position, in float32 from logits of any dtype (nn.losses.cross_entropy's value)."""
     x = logits.astype(mx.float32)
-    return mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+    return _logsumexp(x) - mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+
+
+@mx.compile
+def _fused_logsumexp(x: mx.array) -> mx.array:
+    top = x.max(axis=-1, keepdims=True)
+    return (mx.log(mx.exp(x - top).sum(axis=-1, keepdims=True)) + top).squeeze(-1)
+
+
+def _logsumexp(x: mx.array) -> mx.array:
+    """logsumexp over the last axis; on a CPU with vectorized fused kernels, its exp runs in one of them."""
+    # MLX's CPU logsumexp evaluates exp with scalar code; exp(x - max) as a compiled elementwise op runs in a
+    # kernel g++ vectorizes (cpu_kernels): several times faster on a (tokens, vocab) array. Compiled here so
+    # the evaluation loss (not in a compiled step) gets the fused kernel too.
+    if cpu_kernels.active() and mx.default_device() == mx.cpu:
+        return _fused_logsumexp(x)
+    return mx.logsumexp(x, axis=-1)
 
 
 @token_cross_entropy.vjp
@@ -40,7 +58,7 @@ def completion_loss(
 ) -> tuple[mx.array, mx.array]:
     """(sum of next-token cross-entropy over the masked targets, number of targets).
 
-    With supervised (supervised_positions of the mask) and split (split_at_head of the model), the LM head
+    With supervised (supervised_positions of the mask and targets) and split (split_at_head of the model), the LM head
     runs only at the supervised positions: the same loss, without the vocabulary-sized logits of the others.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -48,10 +66,14 @@ def completion_loss(
         ce = cross_entropy(model(inputs), targets) * mask
         return ce.sum(), mask.sum()
     body, lm_head = split
+    # slices, not integer indexing (a gather kernel): on CUDA every distinct kernel is compiled on first use
+    positions, picked_targets = supervised[:1].reshape(-1), supervised[1:].reshape(-1)
     hidden = body(inputs)
-    hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), supervised, axis=0)  # (n_supervised, d)
-    ce = cross_entropy(lm_head(hidden), targets.reshape(-1)[supervised])
-    return (ce * mask.reshape(-1)[supervised]).sum(), mask.sum()
+    hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0)  # (n_supervised, d)
+    count = mask.sum()
+    weights = mx.arange(positions.shape[0]) < count  # the supervised targets come first, then padding
+    ce = cross_entropy(lm_head(hidden), picked_targets)
+    return (ce * weights).sum(), count
 
 
 def split_at_head(model: nn.Module) -> tuple[Callable, Callable] | None:
@@ -73,12 +95,19 @@ def split_at_head(model: nn.Module) -> tuple[Callable, Callable] | None:
     cap = getattr(model, "final_logit_softcapping", None) or getattr(getattr(model, "args", None), "final_logit_softcapping", None)
     if cap:
         head = _softcapped(head, cap)
+    # uncompiled: the model's own compiled helpers would otherwise build kernels for this tiny shape (on CUDA,
+    # seconds each on a cold start) that training never uses
+    compiling = os.environ.get("MLX_DISABLE_COMPILE", "") in ("", "0")
+    mx.disable_compile()
     try:
         probe = mx.array([[1, 2, 3, 0, 1]])
         want, got = model(probe), head(body(probe))
         same = want.shape == got.shape and mx.allclose(want.astype(mx.float32), got.astype(mx.float32), rtol=1e-5, atol=1e-5).item()
     except Exception:  # an unusual signature or output: stay on the full-logits path
         return None
+    finally:
+        if compiling:
+            mx.enable_compile()
     return (body, head) if same else None
 
 
@@ -87,11 +116,13 @@ def _softcapped(head, cap: float):
     return lambda h: mx.tanh(head(h) / cap) * cap
 
 
-def supervised_positions(mask: np.ndarray) -> np.ndarray | None:
-    """Flat indices of a (B, T) loss mask's supervised targets, for computing logits there only.
+def supervised_positions(mask: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
+    """(2, n) int32: the flat indices of a (B, T) loss mask's supervised targets, and the target tokens there.
 
-    Padded with an unsupervised index (weight 0) to one of a few sizes (1/64 .. 6/8 of B*T), so the compiled
-    step sees few shapes; None when more than 3/4 are supervised (the full logits then cost about the same).
+    The supervised ones come first, then padding with an unsupervised index (target 0, never counted) up to
+    one of a few sizes (1/64 .. 6/8 of B*T), so the compiled step sees few shapes; None when more than 3/4
+    are supervised (the full logits then cost about the same). The targets are picked here, on the host,
+    so the step needs no gather kernel for them.
     """
     flat = mask.reshape(-1)
     hits = np.flatnonzero(flat)
@@ -99,8 +130,9 @@ def supervised_positions(mask: np.ndarray) -> np.ndarray | None:
     size = next((s for s in sizes if s >= max(len(hits), 1)), None)
     if size is None or len(hits) == flat.size:
         return None
-    pad = np.full(size - len(hits), np.flatnonzero(flat == 0)[0])
-    return np.concatenate([hits, pad]).astype(np.int32)
+    positions = np.concatenate([hits, np.full(size - len(hits), np.flatnonzero(flat == 0)[0])])
+    picked = np.where(np.arange(size) < len(hits), targets.reshape(-1)[positions], 0)
+    return np.stack([positions, picked]).astype(np.int32)
 
 
 def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None, mx.array]:
@@ -118,7 +150,7 @@ def stage_batches(reft: Reft, batches: Sequence[Batch]) -> list[tuple]:
     pieces, layout, offset = [], [], 0
     for batch in batches:
         mask = batch.loss_mask()
-        supervised = supervised_positions(mask)
+        supervised = supervised_positions(mask, batch.tokens[:, 1:])
         total = np.array(batch.lengths.sum(), np.int32)
         arrays = [batch.tokens, mask, *reft.locations(batch.prompt_lengths, host=True).as_arrays(), supervised, total]
         layout.append([])

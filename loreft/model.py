@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ReftConfig, parse_layers
-from .interventions import Intervention, make_intervention
+from .interventions import Intervention, make_intervention, split_keys
 from .positions import Locations, group_names, prompt_locations
 
 
@@ -89,17 +89,17 @@ def apply_interventions(h: mx.array, interventions: dict, locations: Locations, 
     groups = [locations.groups[n] for n in names]
     idx = groups[0][0] if len(groups) == 1 else mx.concatenate([g[0] for g in groups], axis=1)
     valid = groups[0][1] if len(groups) == 1 else mx.concatenate([g[1] for g in groups], axis=1)
-    local = idx - offset  # (B, n) positions in this call; invalid or outside slots select nothing
-    select = (mx.arange(L)[None, :, None] == local[:, None, :]) & (valid[:, None, :] > 0)
-    select = select.astype(h.dtype)  # (B, L, n)
+    # (B, n) positions in this call; invalid or outside slots select nothing. Every op below works at the
+    # full (B, L, n) shape, so MLX fuses the selection into one kernel (valid is 0/1)
+    local = idx if isinstance(offset, int) and offset == 0 else idx - offset
+    select = ((mx.arange(L)[None, :, None] == local[:, None, :]) * valid[:, None, :]).astype(h.dtype)  # (B, L, n)
     picked = mx.swapaxes(select, 1, 2) @ h  # (B, n, d): the edited rows (zeros for unused slots)
-    edited, start = [], 0
+    deltas, start = [], 0
     for name, (group_idx, _) in zip(names, groups):
-        stop = start + group_idx.shape[1]
-        edited.append(interventions[name](picked[:, start:stop]))
-        start = stop
-    edited = edited[0] if len(edited) == 1 else mx.concatenate(edited, axis=1)
-    delta = (edited.astype(mx.float32) - picked.astype(mx.float32)).astype(h.dtype)
+        rows = picked[:, start : start + group_idx.shape[1]]
+        deltas.append((interventions[name](rows).astype(mx.float32) - rows.astype(mx.float32)).astype(h.dtype))
+        start += group_idx.shape[1]
+    delta = deltas[0] if len(deltas) == 1 else mx.concatenate(deltas, axis=1)
     return h + select @ delta
 
 
@@ -234,7 +234,7 @@ def attach(model: nn.Module, config: ReftConfig) -> Reft:
     blocks = _block_list(model)
     model.freeze()
     context = _Context()
-    keys = mx.random.split(mx.random.key(config.seed), len(layers) * len(groups))
+    keys = split_keys(mx.random.key(config.seed), len(layers) * len(groups))
     for li, layer in enumerate(layers):
         ivs = {
             g: make_intervention(config.intervention, hidden, config.rank, config.act_fn, config.dropout, keys[li * len(groups) + gi])

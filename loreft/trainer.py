@@ -33,7 +33,7 @@ from .positions import Locations
 from .reporting import Callback, plot_loss
 from .step_queue import StepQueue
 
-__all__ = ["LoopOptions", "NonFiniteLossError", "latest_checkpoint", "load_checkpoint", "make_optimizer",
+__all__ = ["BiasCorrectedAdam", "LoopOptions", "NonFiniteLossError", "latest_checkpoint", "load_checkpoint", "make_optimizer",
            "resolve_dtype", "save_checkpoint", "steps_per_epoch", "train"]
 
 # Below this many rows per GPU, queuing a step's kernels takes the host longer than the GPU takes to run them.
@@ -63,6 +63,11 @@ def resolve_dtype(name: str) -> mx.Dtype:
 
 # ---------------------------------------------------------------------------------------------------
 # Several processes: sums and rank 0's state
+
+
+def split_counts(counts: mx.array) -> list[mx.array]:
+    """The scalars of a stacked counts vector, as slices: integer indexing would add a gather kernel per use."""
+    return [c.squeeze(0) for c in mx.split(counts, counts.shape[0])]
 
 
 def sum_across_ranks(tree, group):
@@ -121,10 +126,42 @@ def make_optimizer(cfg: TrainConfig, total_updates: int) -> optim.Optimizer:
         schedule = optim.join_schedules([ramp, after], [warmup])
     else:
         schedule = main
-    # bias correction as in torch's Adam/AdamW (pyreft trains with those): MLX leaves it off by default
-    if cfg.weight_decay > 0:
-        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay, bias_correction=True)
-    return optim.Adam(learning_rate=schedule, bias_correction=True)
+    return BiasCorrectedAdam(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+class BiasCorrectedAdam(optim.Adam):
+    """torch's Adam, or AdamW with weight_decay > 0 (pyreft trains with those): MLX's Adam with bias correction.
+
+    The same update as optim.Adam(bias_correction=True) / optim.AdamW, with both corrections computed once per
+    step in one fused kernel instead of three (on CUDA every distinct kernel is compiled on a cold start).
+    """
+
+    def __init__(self, learning_rate, weight_decay: float = 0.0):
+        super().__init__(learning_rate=learning_rate, bias_correction=True)
+        self.weight_decay = weight_decay
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        # lr / (1 - b1^t) and 1 / sqrt(1 - b2^t) as one (2,) elementwise expression (one kernel); then slices,
+        # not x[i] (a gather kernel)
+        t = self.step.astype(mx.float32)
+        scale = mx.where(mx.array([True, False]), self.learning_rate, 1.0)
+        both = scale * (1 - mx.array(self.betas, mx.float32) ** t) ** mx.array([-1.0, -0.5])
+        self._corrections = (both[:1], both[1:])
+        return tree_map(self.apply_single, gradients, parameters, self.state)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        b1, b2 = self.betas
+        if self.weight_decay > 0:  # decoupled, as optim.AdamW: before the Adam step, at the scheduled rate
+            parameter = parameter * (1 - self.learning_rate.astype(gradient.dtype) * self.weight_decay)
+        m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
+        v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        step_size, root_scale = (c.astype(gradient.dtype) for c in self._corrections)
+        return parameter - step_size * m / (mx.sqrt(v) * root_scale + self.eps)
 
 
 def steps_per_epoch(examples: Sequence[Example], batch_size: int, world_size: int = 1) -> int:
@@ -192,16 +229,18 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
             grad = tree_map(lambda a, b: a + b, grad, grad_sum)
         if update:
             counts, grad = sum_across_ranks((counts, grad), group)  # identity on one process
-            grad = tree_map(lambda g: g / (targets_before + counts[1]), grad)
+            loss_sum, target_count, token_count = split_counts(counts)
+            update_targets = targets_before + target_count
+            grad = tree_map(lambda g: g / update_targets, grad)
             if cfg.grad_clip > 0:
                 grad, _ = optim.clip_grad_norm(grad, cfg.grad_clip)
             optimizer.update(model, grad)
             accumulated = None
         else:
-            counts = sum_across_ranks(counts, group)
-            accumulated = (grad, targets_before + counts[1])
+            loss_sum, target_count, token_count = split_counts(sum_across_ranks(counts, group))
+            accumulated = (grad, targets_before + target_count)
         # the global batch's loss, target and token counts on every rank, and the learning rate it used
-        return counts[0] / counts[1], counts[1], counts[2], optimizer.learning_rate, accumulated
+        return loss_sum / target_count, target_count, token_count, optimizer.learning_rate, accumulated
 
     return (mx.compile(step, inputs=state, outputs=state) if options.compiled else step), state
 

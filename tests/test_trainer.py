@@ -277,7 +277,7 @@ def test_staged_inputs_are_each_batchs_own_arrays(tiny_model_dir):
     assert len(staged) == 2
     for batch, (tokens, mask, locs, supervised, total) in zip(batches, staged):
         host = reft.locations(batch.prompt_lengths, host=True).as_arrays()
-        want = supervised_positions(batch.loss_mask())
+        want = supervised_positions(batch.loss_mask(), batch.tokens[:, 1:])
         assert tokens.dtype == mx.int32 and np.array_equal(np.array(tokens), batch.tokens)
         assert mask.dtype == mx.float32 and np.array_equal(np.array(mask), batch.loss_mask())
         assert len(locs) == len(host) and all(

@@ -60,13 +60,13 @@ def test_logits_at_supervised_positions_give_the_same_loss_and_gradients(model_d
     body, lm_head = head
     seen = []
     counted = (body, lambda h: (seen.append(h.shape[0]), lm_head(h))[1])
-    supervised = supervised_positions(mask)
-    assert supervised is not None and len(supervised) < mask.size
+    supervised = supervised_positions(mask, np.array(tokens)[:, 1:])
+    assert supervised is not None and supervised.shape[1] < mask.size
     reft.set_locations(reft.locations(prompt))
     m = mx.array(mask)
     full = completion_loss(model, tokens, m)
     sparse = completion_loss(model, tokens, m, mx.array(supervised), counted)
-    assert seen == [len(supervised)], "the LM head must run on the picked positions only"
+    assert seen == [supervised.shape[1]], "the LM head must run on the picked positions only"
     assert sparse[0].item() == pytest.approx(full[0].item(), rel=1e-6)
     assert sparse[1].item() == full[1].item() == mask.sum()
     g_full = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m)[0])
@@ -88,17 +88,21 @@ def test_supervised_positions_cover_every_target_once():
     for fraction in (0.01, 0.1, 0.3, 0.6, 0.74):
         mask = (rng.random((4, 63)) < fraction).astype(np.float32)
         mask[0, 0] = 1.0
-        supervised = supervised_positions(mask)
+        targets = rng.integers(1, 1000, mask.shape)
+        supervised = supervised_positions(mask, targets)
         if supervised is None:
             assert mask.mean() > 0.6  # only when bucketing up passes 3/4 of the grid
             continue
-        flat = mask.reshape(-1)
-        hits = supervised[flat[supervised] > 0]
-        assert sorted(hits.tolist()) == np.flatnonzero(flat).tolist()  # each supervised target exactly once
-        assert len(supervised) <= 3 * flat.size // 4
-        assert len(supervised) in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
-    assert supervised_positions(np.ones((2, 9), np.float32)) is None
-    assert supervised_positions(np.concatenate([np.ones((2, 8)), np.zeros((2, 1))], 1).astype(np.float32)) is None
+        positions, picked = supervised
+        flat, n = mask.reshape(-1), int(mask.sum())
+        assert positions[:n].tolist() == np.flatnonzero(flat).tolist()  # each supervised target once, first
+        assert (flat[positions[n:]] == 0).all()  # then padding that is never supervised
+        assert picked[:n].tolist() == targets.reshape(-1)[positions[:n]].tolist()  # the targets there
+        assert supervised.shape[1] <= 3 * flat.size // 4
+        assert supervised.shape[1] in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
+    ones = np.ones((2, 9), np.int32)
+    assert supervised_positions(np.ones((2, 9), np.float32), ones) is None
+    assert supervised_positions(np.concatenate([np.ones((2, 8)), np.zeros((2, 1))], 1).astype(np.float32), ones) is None
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
@@ -156,7 +160,7 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
         locs = reft.locations(prompt)
         if fast:
             step, state = make_step(reft, opt, TrainConfig(learning_rate=1e-2))
-            supervised = supervised_positions(mask)
+            supervised = supervised_positions(mask, np.array(tokens)[:, 1:])
             loss, *_ = step(tokens, mx.array(mask), locs.as_arrays(), mx.array(supervised), mx.array(tokens.size), None, True)
             mx.eval(state, loss)
         else:
@@ -177,3 +181,52 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
         # rounding (the step divides the summed gradient by the count, the plain loss divides first) into
         # ~1e-6; a wrong update would be off by about lr = 1e-2
         np.testing.assert_allclose(p_fast[k], p_plain[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_the_step_indexes_nothing_by_integer(tiny_model_dir, tmp_path):
+    """The step's only gathers are the embedding lookup and the pick of supervised rows (and their gradient).
+
+    On CUDA each distinct gather/scatter kernel is compiled on first use, and every integer index (x[i]) is
+    a gather: counts, keys, rotations and targets must travel as slices or host arrays, whatever the number
+    of layers and interventions.
+    """
+    from loreft.data import Batch
+    from loreft.loss import batch_arrays
+    from loreft.trainer import LoopOptions
+
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    reft = attach(model, REFT)
+    opt = optim.Adam(learning_rate=1e-2)
+    opt.init(model.trainable_parameters())
+    tokens = np.random.default_rng(0).integers(4, 300, (3, 64)).astype(np.int32)
+    arrays = batch_arrays(reft, Batch(tokens, np.array([40, 44, 50], np.int32), np.array([64, 61, 64], np.int32)))
+    assert arrays[3] is not None  # the supervised-rows path is the one checked
+    step, state = make_step(reft, opt, TrainConfig(learning_rate=1e-2), options=LoopOptions(compiled=False))
+    loss, *_ = step(*arrays, None, True)
+    graph = tmp_path / "step.dot"
+    mx.export_to_dot(str(graph), loss, *[v for _, v in tree_flatten(model.trainable_parameters())])
+    ops = __import__("re").findall(r'label ="(\w+)', graph.read_text())
+    assert ops.count("Matmul") > 20  # a whole step was traced
+    assert ops.count("Gather") == 2, ops.count("Gather")  # embedding lookup, supervised rows
+    assert ops.count("Scatter") == 1  # the supervised rows' gradient (the embedding is frozen)
+    assert ops.count("GatherAxis") <= 2  # the cross-entropy's target logit and its gradient
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_bias_corrected_adam_is_mlx_adam(weight_decay):
+    """BiasCorrectedAdam (corrections in one kernel) makes MLX's own Adam / AdamW(bias_correction=True) updates."""
+    from loreft.trainer import BiasCorrectedAdam
+
+    rng = np.random.default_rng(0)
+    params = {"w": mx.array(rng.normal(size=(6, 5)).astype(np.float32)), "b": mx.array(rng.normal(size=(5,)).astype(np.float32))}
+    schedule = optim.cosine_decay(1e-2, 7)
+    ours = BiasCorrectedAdam(learning_rate=schedule, weight_decay=weight_decay)
+    theirs = (optim.AdamW(learning_rate=schedule, weight_decay=weight_decay, bias_correction=True) if weight_decay
+              else optim.Adam(learning_rate=schedule, bias_correction=True))
+    a, b = dict(params), dict(params)
+    for t in range(6):
+        grads = {k: mx.array(rng.normal(size=v.shape).astype(np.float32)) for k, v in params.items()}
+        a, b = ours.apply_gradients(grads, a), theirs.apply_gradients(grads, b)
+        for k in params:
+            np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-6, atol=1e-7, err_msg=f"{k} step {t}")
+    assert not np.allclose(np.array(a["w"]), np.array(params["w"]))
