@@ -82,3 +82,60 @@ def test_json_checker(answer, ok):
 @pytest.mark.parametrize("answer,ok", [("🍕🎸", True), ("🍕 yum", False), ("I love pizza", False), ("", False), ("42 🍕", False)])
 def test_emoji_checker(answer, ok):
     assert make_tasks(["emoji"])[0].check(answer, {}) is ok
+
+
+# --- the suite's selection logic (bench/quality.py): rates chosen on validation, test scored once ---------------
+
+def run_stub(valid_acc, loss, test_acc, calls):
+    """A stand-in for a training run: its result and a loader of a scorer that records which split it scored."""
+    def scorer(task, rows):
+        split = "test" if rows[0] is task.rows["test"][0] else "valid"
+        assert len(rows) == {"test": 5, "valid": 4}[split]  # the suite's sizes, not the whole split
+        calls.append((valid_acc, loss, split))
+        return {"accuracy": test_acc if split == "test" else valid_acc}
+    return {"trainable": 1, "train_time_s": 0.0, "train_loss": loss}, lambda: scorer
+
+
+def test_sweep_chooses_on_validation_and_scores_only_the_chosen_run_on_test(tasks):
+    from bench.quality import sweep
+
+    task, cfg, calls = tasks["capitals"], {"valid": 4, "test": 5}, []
+    # rate 1: best on test but worse on validation; rates 2 and 3 tie on validation, 3 has the lower loss
+    runs = {1: (0.5, 0.1, 1.0), 2: (0.75, 0.9, 0.2), 3: (0.75, 0.3, 0.4)}
+    out = sweep("m", [1, 2, 3], lambda lr: run_stub(*runs[lr], calls), task, cfg)
+    assert out["chosen"]["learning_rate"] == 3 and out["chosen"]["test"]["accuracy"] == 0.4
+    assert [c for c in calls if c[2] == "test"] == [(0.75, 0.3, "test")]
+    assert sum(c[2] == "valid" for c in calls) == 3 and all("test" not in r for r in out["sweep"] if r["learning_rate"] != 3)
+
+
+def test_one_rate_needs_no_validation_pass(tasks):
+    from bench.quality import sweep
+
+    calls = []
+    out = sweep("m", [1], lambda lr: run_stub(0.5, 0.1, 0.7, calls), tasks["capitals"], {"valid": 4, "test": 5})
+    assert [c[2] for c in calls] == ["test"] and out["chosen"]["test"]["accuracy"] == 0.7
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rates-from", "x.json"], "--rates-from needs --ablations"),
+    (["--tasks", "emoji,poetry"], "unknown task(s) poetry"),
+])
+def test_bad_arguments_fail_before_any_model_loads(argv, message, capsys):
+    from bench.quality import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ablations_take_the_rate_of_an_earlier_run_of_the_same_suite(tmp_path, tasks):
+    from bench.quality import SUITES, earlier_results
+
+    cfg = {k: v for k, v in SUITES["default"].items() if k != "tasks"}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": cfg, "tasks": [{"task": "capitals", "loreft": {"chosen": {"learning_rate": 0.01}}}]}))
+    assert earlier_results(str(path), [tasks["capitals"]], cfg)["capitals"]["loreft"]["chosen"]["learning_rate"] == 0.01
+    with pytest.raises(SystemExit, match="no result for task"):
+        earlier_results(str(path), [tasks["json"]], cfg)
+    with pytest.raises(SystemExit, match="suite"):
+        earlier_results(str(path), [tasks["capitals"]], {**cfg, "steps": 1})
