@@ -10,7 +10,16 @@ the same, first thing:
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 _applied: dict | None = None  # what the first call did: later calls return it and change nothing
+
+
+def kernel_cache_root() -> Path:
+    """Where compiled-kernel caches live: $LOREFT_CACHE, else $XDG_CACHE_HOME/mlx-loreft or ~/.cache/mlx-loreft."""
+    root = os.environ.get("LOREFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mlx-loreft"
+    return Path(root).expanduser()
 
 
 def setup() -> dict:

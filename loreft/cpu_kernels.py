@@ -22,6 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .backend import kernel_cache_root
+
 log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "LOREFT_NO_FAST_KERNELS"
@@ -41,11 +43,6 @@ def _cpu_has(*features: str) -> bool:
     except (OSError, StopIteration):
         return False
     return set(features) <= set(flags.split(":", 1)[1].split())
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("LOREFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mlx-loreft"
-    return Path(root).expanduser()
 
 
 def _mlx_kernel_dir(version: str) -> Path:
@@ -92,7 +89,7 @@ def enable(mlx_version: str) -> bool:
     if _active:
         return True
     try:
-        folder = _cache_root() / "cpu-jit"
+        folder = kernel_cache_root() / "cpu-jit"
         if os.environ.get(OPT_OUT_ENV, "").strip() not in ("", "0"):
             # a parent process's wrapper on PATH would still apply the flags: leave it out
             os.environ["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != str(folder))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .backend import kernel_cache_root
+
 # MLX sends the GPU its kernels as CUDA graphs of at most MLX_MAX_OPS_PER_BUFFER ops and lets the host run a
 # fixed number of graphs ahead. On the GPUs where MLX picks 100 ops (sm_90, sm_100, sm_120 in its table), that
 # is a small part of a LoReFT step, so the host keeps waiting for the GPU mid-step. 400 ops: fewer graph
@@ -35,8 +37,7 @@ KERNEL_CACHE_ENV = "MLX_PTX_CACHE_DIR"
 
 def kernel_cache_dir() -> Path:
     """The default kernel folder: $LOREFT_CACHE, else $XDG_CACHE_HOME/mlx-loreft or ~/.cache/mlx-loreft, then cuda-kernels/mlx-<version>."""
-    root = os.environ.get("LOREFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mlx-loreft"
-    return Path(root).expanduser() / "cuda-kernels" / f"mlx-{mx.__version__}"  # kernels differ between MLX versions
+    return kernel_cache_root() / "cuda-kernels" / f"mlx-{mx.__version__}"  # kernels differ between MLX versions
 
 
 def default_kernel_cache() -> str | None:
