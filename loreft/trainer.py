@@ -26,7 +26,7 @@ from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
-from .interventions import batched_rotations
+from .interventions import batched_rotations, unstack
 from .loss import PAD_TO, completion_loss, split_at_head, stage_batches
 from .model import Reft
 from .positions import Locations
@@ -63,11 +63,6 @@ def resolve_dtype(name: str) -> mx.Dtype:
 
 # ---------------------------------------------------------------------------------------------------
 # Several processes: sums and rank 0's state
-
-
-def split_counts(counts: mx.array) -> list[mx.array]:
-    """The scalars of a stacked counts vector, as slices: integer indexing would add a gather kernel per use."""
-    return [c.squeeze(0) for c in mx.split(counts, counts.shape[0])]
 
 
 def sum_across_ranks(tree, group):
@@ -139,20 +134,19 @@ class BiasCorrectedAdam(optim.Adam):
     def __init__(self, learning_rate, weight_decay: float = 0.0):
         super().__init__(learning_rate=learning_rate, bias_correction=True)
         self.weight_decay = weight_decay
+        self._corrections: tuple[mx.array, mx.array] | None = None
 
     def apply_gradients(self, gradients: dict, parameters: dict):
-        if not self._initialized:
-            self.init(gradients)
-        for param, scheduler in self._schedulers.items():
-            self.state[param] = scheduler(self.step)
-        self.state["step"] = self.step + 1
+        self._corrections = None  # made by the first apply_single, after the base class advanced step and rate
+        return super().apply_gradients(gradients, parameters)
+
+    def _bias_corrections(self) -> tuple[mx.array, mx.array]:
         # lr / (1 - b1^t) and 1 / sqrt(1 - b2^t) as one (2,) elementwise expression (one kernel); then slices,
         # not x[i] (a gather kernel)
         t = self.step.astype(mx.float32)
         scale = mx.where(mx.array([True, False]), self.learning_rate, 1.0)
         both = scale * (1 - mx.array(self.betas, mx.float32) ** t) ** mx.array([-1.0, -0.5])
-        self._corrections = (both[:1], both[1:])
-        return tree_map(self.apply_single, gradients, parameters, self.state)
+        return both[:1], both[1:]
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         b1, b2 = self.betas
@@ -160,6 +154,8 @@ class BiasCorrectedAdam(optim.Adam):
             parameter = parameter * (1 - self.learning_rate.astype(gradient.dtype) * self.weight_decay)
         m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
         v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        if self._corrections is None:
+            self._corrections = self._bias_corrections()
         step_size, root_scale = (c.astype(gradient.dtype) for c in self._corrections)
         return parameter - step_size * m / (mx.sqrt(v) * root_scale + self.eps)
 
@@ -229,7 +225,7 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
             grad = tree_map(lambda a, b: a + b, grad, grad_sum)
         if update:
             counts, grad = sum_across_ranks((counts, grad), group)  # identity on one process
-            loss_sum, target_count, token_count = split_counts(counts)
+            loss_sum, target_count, token_count = unstack(counts)  # slices: x[i] is a gather kernel
             update_targets = targets_before + target_count
             grad = tree_map(lambda g: g / update_targets, grad)
             if cfg.grad_clip > 0:
@@ -237,7 +233,7 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
             optimizer.update(model, grad)
             accumulated = None
         else:
-            loss_sum, target_count, token_count = split_counts(sum_across_ranks(counts, group))
+            loss_sum, target_count, token_count = unstack(sum_across_ranks(counts, group))
             accumulated = (grad, targets_before + target_count)
         # the global batch's loss, target and token counts on every rank, and the learning rate it used
         return loss_sum / target_count, target_count, token_count, optimizer.learning_rate, accumulated
