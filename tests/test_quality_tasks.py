@@ -116,8 +116,25 @@ def test_one_rate_needs_no_validation_pass(tasks):
     assert [c[2] for c in calls] == ["test"] and out["chosen"]["test"]["accuracy"] == 0.7
 
 
+def test_ablations_train_each_picked_entry_at_its_own_multiple_of_the_rate(tasks, monkeypatch, tmp_path):
+    import bench.quality as quality
+
+    calls, trained = [], []
+
+    def train(model_path, task, setting, lr, cfg, folder):
+        trained.append((setting["intervention"], lr))
+        return run_stub(0.5, 0.1, 0.5, calls)
+
+    monkeypatch.setattr(quality, "train_loreft", train)
+    out = quality.ablate("m", tasks["capitals"], 0.002, {"test": 5}, tmp_path, [], only="lobireft")
+    assert trained == [("lobireft", 0.002), ("lobireft", 0.02), ("lobireft", 0.06)]
+    assert [r["label"] for r in out] == ["intervention=lobireft", "intervention=lobireft, lr x10", "intervention=lobireft, lr x30"]
+    assert [c[2] for c in calls] == ["test"] * 3
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--rates-from", "x.json"], "--rates-from needs --ablations"),
+    (["--only", "rank"], "--only needs --ablations"),
     (["--tasks", "emoji,poetry"], "unknown task(s) poetry"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(argv, message, capsys):
