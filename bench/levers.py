@@ -12,7 +12,7 @@ from typing import Iterable
 import mlx.core as mx
 import mlx.nn as nn
 
-from loreft.loss import completion_loss
+from loreft.loss import completion_loss, token_cross_entropy
 from loreft.trainer import LoopOptions
 
 # name -> what turning it off does; the bench's variants are "ours" with a subset switched off.
@@ -24,6 +24,7 @@ LEVERS = {
     "select_matmul": "pick and write back the edited rows with gather/scatter kernels, not 0/1 matmuls",
     "fused_scatter": "gather and scatter once per group instead of once per layer (implies select_matmul off)",
     "fused_ce": "cross-entropy through nn.losses.cross_entropy's generic gradient",
+    "head_grad": "keep the LM head's logits for the backward pass (no gradient worked out in the forward, no chunks)",
 }
 
 
@@ -99,7 +100,9 @@ def check(names: Iterable[str]) -> set[str]:
 def loop_options(off: Iterable[str]) -> LoopOptions:
     """The trainer's LoopOptions with the named step levers off."""
     off = check(off)
-    loss = partial(completion_loss, cross_entropy=plain_cross_entropy) if "fused_ce" in off else completion_loss
+    ce = plain_cross_entropy if "fused_ce" in off else token_cross_entropy
+    head_loss = (lambda head, h, t: ce(head(h), t)) if {"fused_ce", "head_grad"} & off else None
+    loss = partial(completion_loss, cross_entropy=ce, head_loss=head_loss)
     return LoopOptions(loss=loss, sparse_logits="sparse_logits" not in off,
                        batched_rotations="batched_rotations" not in off, compiled="compile" not in off)
 

@@ -52,27 +52,81 @@ def _token_cross_entropy_vjp(primals, cotangent, output):
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
+# Rows of logits made at once by head_cross_entropy: about this many logits (512 MB in float32) per chunk.
+HEAD_CHUNK_ELEMENTS = 1 << 27
+
+
+def head_cross_entropy(head: Callable, hidden: mx.array, targets: mx.array) -> mx.array:
+    """token_cross_entropy(head(hidden), targets) for (n, d) hidden states, with the gradient worked out in the
+    same pass: no logits are kept for the backward pass.
+
+    The loss ends the graph, so the logits' gradient (softmax - one_hot, per unit of each row's cotangent) is
+    known as soon as the logits are, and its product with the head's transpose is all the backward pass needs:
+    one (n, d) array instead of (n, vocab) logits kept alive (the same two matmuls, no recompute). Rows go
+    through in chunks of about HEAD_CHUNK_ELEMENTS logits. The head's own weights get no gradient here: the base
+    model is frozen.
+    """
+    n = hidden.shape[0]
+    chunks = max(1, -(-n * _vocab_size(head, hidden) // HEAD_CHUNK_ELEMENTS))
+    while n % chunks:  # equal chunks: one shape, one set of compiled kernels
+        chunks += 1
+    rows = n // chunks
+
+    @mx.custom_function
+    def loss_and_input_grad(h, t):
+        losses, grads = [], []
+        for start in range(0, n, rows):
+            h_part, t_part = h[start:start + rows], t[start:start + rows]
+            logits = head(h_part)
+            x = logits.astype(mx.float32)
+            lse = _logsumexp(x)
+            picked = mx.take_along_axis(x, t_part[:, None], axis=-1).squeeze(-1)
+            dlogits = (mx.exp(x - lse[:, None]) - (mx.arange(x.shape[-1]) == t_part[:, None])).astype(logits.dtype)
+            grads.append(mx.vjp(head, [h_part], [dlogits])[1][0])
+            # the loss waits for the gradient: both are done with a chunk's logits before the next chunk starts
+            losses.append(mx.depends(lse - picked, grads[-1]))
+        return mx.concatenate(losses), mx.concatenate(grads)
+
+    @loss_and_input_grad.vjp
+    def _(primals, cotangents, outputs):
+        return cotangents[0][:, None].astype(outputs[1].dtype) * outputs[1], mx.zeros_like(primals[1])
+
+    return loss_and_input_grad(hidden, targets)[0]
+
+
+def _vocab_size(head: Callable, hidden: mx.array) -> int:
+    """The head's output width: MLX knows a lazy result's shape without computing it (the node is never evaluated)."""
+    return head(hidden[:1]).shape[-1]
+
+
 def completion_loss(
     model: nn.Module, tokens: mx.array, mask: mx.array, supervised: mx.array | None = None,
     split: tuple[Callable, Callable] | None = None, cross_entropy: Callable = token_cross_entropy,
+    head_loss: Callable | None = None,
 ) -> tuple[mx.array, mx.array]:
     """(sum of next-token cross-entropy over the masked targets, number of targets).
 
-    With supervised (supervised_positions of the mask and targets) and split (split_at_head of the model), the LM head
-    runs only at the supervised positions: the same loss, without the vocabulary-sized logits of the others.
+    With split (split_at_head of the model) the LM head's loss is head_loss (default head_cross_entropy: no
+    logits kept for the backward pass), and with supervised (supervised_positions of the mask and targets) the
+    head runs only at the supervised positions: the same loss, without the vocabulary-sized logits of the others.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if supervised is None or split is None:
+    if split is None:
         ce = cross_entropy(model(inputs), targets) * mask
         return ce.sum(), mask.sum()
     body, lm_head = split
+    head_loss = head_loss or head_cross_entropy
+    hidden = body(inputs)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if supervised is None:  # (nearly) every token supervised: every row through the head
+        ce = head_loss(lm_head, hidden, targets.reshape(-1)) * mask.reshape(-1)
+        return ce.sum(), mask.sum()
     # slices, not integer indexing (a gather kernel): on CUDA every distinct kernel is compiled on first use
     positions, picked_targets = supervised[:1].reshape(-1), supervised[1:].reshape(-1)
-    hidden = body(inputs)
-    hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0)  # (n_supervised, d)
+    hidden = mx.take(hidden, positions, axis=0)  # (n_supervised, d)
     count = mask.sum()
     weights = mx.arange(positions.shape[0]) < count  # the supervised targets come first, then padding
-    ce = cross_entropy(lm_head(hidden), picked_targets)
+    ce = head_loss(lm_head, hidden, picked_targets)
     return (ce * weights).sum(), count
 
 

@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten
 from loreft import ReftConfig, TrainConfig, attach
 from loreft.demo import build_tiny_model
 from loreft.interventions import batched_rotations, orthonormalize
-from loreft.loss import completion_loss, split_at_head, supervised_positions, token_cross_entropy
+import loreft.loss
+from loreft.loss import completion_loss, head_cross_entropy, split_at_head, supervised_positions, token_cross_entropy
 from loreft.trainer import make_step
 
 REFT = ReftConfig(layers="all", rank=3, positions="f2+l2", seed=1)
@@ -66,7 +67,8 @@ def test_logits_at_supervised_positions_give_the_same_loss_and_gradients(model_d
     m = mx.array(mask)
     full = completion_loss(model, tokens, m)
     sparse = completion_loss(model, tokens, m, mx.array(supervised), counted)
-    assert seen == [supervised.shape[1]], "the LM head must run on the picked positions only"
+    # head_cross_entropy also calls the head on one row for its width (never evaluated) and again for its vjp
+    assert supervised.shape[1] in seen and set(seen) <= {1, supervised.shape[1]}, "the LM head must run on the picked positions only"
     assert sparse[0].item() == pytest.approx(full[0].item(), rel=1e-6)
     assert sparse[1].item() == full[1].item() == mask.sum()
     g_full = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m)[0])
@@ -122,6 +124,82 @@ def test_token_cross_entropy_matches_float64(dtype):
     ref_grad = (soft - np.eye(37)[t]) * np.array(weights)[..., None]
     tol = 1e-6 if dtype == mx.float32 else 1e-2
     np.testing.assert_allclose(np.array(grad.astype(mx.float32)), ref_grad, atol=tol)
+
+
+def _head(kind: str, d: int, vocab: int):
+    """An LM head of each kind split_at_head can return: a Linear, a tied embedding, a softcapped one, 4-bit."""
+    mx.random.seed(3)
+    if kind == "tied":
+        emb = nn.Embedding(vocab, d)
+        return emb.as_linear, lambda h: np.asarray(h, np.float64) @ np.array(emb.weight, np.float64).T
+    lin = nn.Linear(d, vocab, bias=False)
+    if kind == "4bit":
+        lin = nn.QuantizedLinear.from_linear(lin, group_size=32, bits=4)
+        w = np.array(mx.dequantize(lin.weight, lin.scales, lin.biases, group_size=32, bits=4), np.float64)
+    else:
+        w = np.array(lin.weight, np.float64)
+    if kind == "softcap":
+        return (lambda h: mx.tanh(lin(h) / 3.0) * 3.0), lambda h: np.tanh(np.asarray(h, np.float64) @ w.T / 3.0) * 3.0
+    return lin, lambda h: np.asarray(h, np.float64) @ w.T
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 27, 2 * 37 * 3])  # one chunk; 8 chunks of 3 rows (24 = 8 x 3)
+@pytest.mark.parametrize("kind", ["linear", "tied", "softcap", "4bit"])
+def test_head_cross_entropy_matches_float64_loss_and_input_gradient(kind, chunk_elements, monkeypatch):
+    monkeypatch.setattr(loreft.loss, "HEAD_CHUNK_ELEMENTS", chunk_elements)
+    d, vocab, n = 64, 37, 24
+    head, ref_logits = _head(kind, d, vocab)
+    rng = np.random.default_rng(2)
+    hidden = mx.array(rng.standard_normal((n, d)).astype(np.float32))
+    targets = mx.array(rng.integers(0, vocab, n).astype(np.int32))
+    weights = mx.array(rng.random(n).astype(np.float32))  # a cotangent per row, as the loss mask gives
+    x = ref_logits(np.array(hidden))
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    t = np.array(targets)
+    np.testing.assert_allclose(np.array(head_cross_entropy(head, hidden, targets)), lse - x[np.arange(n), t], rtol=1e-5, atol=1e-5)
+    # d/dh of sum_i w_i ce_i, by float64 central differences through the reference head
+    grad = np.array(mx.grad(lambda h: (head_cross_entropy(head, h, targets) * weights).sum())(hidden), np.float64)
+    h64, w64, eps = np.array(hidden, np.float64), np.array(weights, np.float64), 1e-6
+
+    def total(h):
+        xs = ref_logits(h)
+        return (w64 * (np.log(np.exp(xs - xs.max(-1, keepdims=True)).sum(-1)) + xs.max(-1) - xs[np.arange(n), t])).sum()
+
+    for i, j in [(0, 0), (5, 17), (23, 63), (11, 40)]:
+        up, down = h64.copy(), h64.copy()
+        up[i, j] += eps
+        down[i, j] -= eps
+        assert grad[i, j] == pytest.approx((total(up) - total(down)) / (2 * eps), rel=1e-3, abs=1e-5), (i, j)
+
+
+def test_head_cross_entropy_makes_the_logits_a_chunk_at_a_time(monkeypatch):
+    """The head sees chunks of rows only, and a compiled loss-and-gradient peaks lower by more than the logits."""
+    d, vocab, n = 64, 8192, 1024
+    monkeypatch.setattr(loreft.loss, "HEAD_CHUNK_ELEMENTS", n * vocab // 32)
+    head = nn.Linear(d, vocab, bias=False)
+    head.freeze()
+    proj = nn.Linear(d, d)
+    h0 = mx.random.normal((n, d))
+    t = mx.random.randint(0, vocab, (n,))
+    mx.eval(head.parameters(), proj.parameters(), h0, t)
+    seen = []
+    head_cross_entropy(lambda h: (seen.append(h.shape[0]), head(h))[1], h0, t)
+    assert set(seen) == {1, n // 32}  # a one-row probe for the width (never evaluated), then 32 chunks of 32 rows
+
+    def peak(loss):
+        step = mx.compile(nn.value_and_grad(proj, lambda h0, t: loss(proj(h0), t).sum()),
+                          inputs=[proj.state, head.state], outputs=[proj.state])
+        mx.eval(step(h0, t))
+        mx.synchronize()
+        mx.reset_peak_memory()
+        value, grad = step(h0, t)
+        mx.eval(value, grad)
+        return value.item(), mx.get_peak_memory()
+
+    plain = peak(lambda h, t: token_cross_entropy(head(h), t))
+    chunked = peak(lambda h, t: head_cross_entropy(head, h, t))
+    assert chunked[0] == pytest.approx(plain[0], rel=1e-6)
+    assert chunked[1] < plain[1] - n * vocab * 4, (chunked[1], plain[1])  # at least one float32 logits array less
 
 
 def test_batched_rotations_same_values_and_gradients(tiny_model_dir):
