@@ -66,6 +66,7 @@ ABLATIONS = [  # (what changes, the LoReFT setting, rate multiplier): one settin
     ("share_weights", {"share_weights": True}, 1),
     # LoBiReFT's only edit is a bias that starts at zero, so at LoReFT's rate it barely moves in 32 steps
     *[("intervention", {"intervention": "lobireft"}, scale) for scale in (10, 30)],
+    ("layers", {"layers": "all"}, 0.3),  # 30 edits instead of 4 at the rate chosen for 4 may overshoot
 ]
 
 
