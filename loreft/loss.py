@@ -21,7 +21,17 @@ PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct sha
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Next-token cross-entropy per position, in float32 from logits of any dtype (nn.losses.cross_entropy's value)."""
     x = logits.astype(mx.float32)
-    return _logsumexp(x) - mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+    return _logsumexp(x) - _picked(x, targets)
+
+
+def _picked(x: mx.array, targets: mx.array) -> mx.array:
+    """Each row's logit of its target."""
+    return mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+
+
+def _logit_grad(x: mx.array, lse: mx.array, targets: mx.array) -> mx.array:
+    """softmax(x) - one_hot(targets): each row's cross-entropy gradient in its logits, as one elementwise pass."""
+    return mx.exp(x - lse[..., None]) - (mx.arange(x.shape[-1]) == targets[..., None])
 
 
 @mx.compile
@@ -46,9 +56,7 @@ def _token_cross_entropy_vjp(primals, cotangent, output):
     # vjp keeps float32 logits alive and adds a scattered one-hot, several passes over a (tokens, vocab) array
     logits, targets = primals
     x = logits.astype(mx.float32)
-    lse = output + mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
-    g = cotangent[..., None]
-    grad = mx.exp(x - lse[..., None]) * g - (mx.arange(x.shape[-1]) == targets[..., None]) * g
+    grad = _logit_grad(x, output + _picked(x, targets), targets) * cotangent[..., None]
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
@@ -83,11 +91,9 @@ def head_cross_entropy(head: Callable, hidden: mx.array, targets: mx.array) -> m
             logits = head(h_part)
             x = logits.astype(mx.float32)
             lse = _logsumexp(x)
-            picked = mx.take_along_axis(x, t_part[:, None], axis=-1).squeeze(-1)
-            dlogits = (mx.exp(x - lse[:, None]) - (mx.arange(x.shape[-1]) == t_part[:, None])).astype(logits.dtype)
-            grads.append(mx.vjp(head, [h_part], [dlogits])[1][0])
+            grads.append(mx.vjp(head, [h_part], [_logit_grad(x, lse, t_part).astype(logits.dtype)])[1][0])
             # the loss waits for the gradient: both are done with a chunk's logits before the next chunk starts
-            losses.append(mx.depends(lse - picked, grads[-1]))
+            losses.append(mx.depends(lse - _picked(x, t_part), grads[-1]))
         return mx.concatenate(losses), mx.concatenate(grads)
 
     @loss_and_input_grad.vjp
