@@ -191,6 +191,22 @@ class _Throttle:
         return False
 
 
+STOPPING_WAIT_S = 1.0  # how long a stopped task job waits for the app's STOPPING before writing STOPPED
+
+
+def _wait_for_status(job, status: str, timeout: float, poll: float = 0.05) -> bool:
+    """Whether the job's status reads `status` within timeout seconds (polled; a read caught mid-write is retried)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if asyncio.run(job.get_status()) == status:  # JobStatus is a str enum
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+
+
 def _percent(step: int, total: int) -> int:
     return int(100 * step / max(total, 1))
 
@@ -302,6 +318,9 @@ class TaskReporter(Callback):
         if summary["stopped"]:
             message = _stopped_message(summary)
             self.lab.set_job_data_field("completion_details", message)
+            # the app's Stop writes the flag, then STOPPING: a job that saw the flag between the two would mark
+            # itself STOPPED only to have the app's STOPPING land on top, so it waits (briefly) for STOPPING
+            _wait_for_status(self.lab.job, JobStatus.STOPPING, STOPPING_WAIT_S)
             asyncio.run(self.lab.job.update_status(JobStatus.STOPPED))
             self.log(message)
 

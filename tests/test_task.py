@@ -208,6 +208,40 @@ def stop_flag_is_set(job_dir: Path) -> bool:
         return False
 
 
+def test_a_job_that_sees_the_stop_flag_before_the_apps_stopping_still_ends_stopped(tfl, tmp_path, monkeypatch):
+    """The app's Stop writes job_data.stop, then STOPPING; a job publishing in between must not end at STOPPING."""
+    import threading
+
+    from lab import Job, JobStatus
+    from lab import lab as lab_facade
+
+    from loreft.transformerlab import TaskReporter
+
+    job_id, job_dir = tfl["make_job"]()
+    monkeypatch.setenv("_TFL_JOB_ID", job_id)
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", EXPERIMENT)
+    lab_facade.init()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter.safetensors").write_bytes(b"0")
+
+    async def app_stop_first_half():
+        job = await Job.get(job_id, EXPERIMENT)
+        await job.update_job_data_field("stop", True)
+
+    async def app_stop_second_half():
+        await (await Job.get(job_id, EXPERIMENT)).update_status(JobStatus.STOPPING)
+
+    asyncio.run(app_stop_first_half())
+    late = threading.Timer(0.3, lambda: asyncio.run(app_stop_second_half()))  # the app's second write, landing late
+    late.start()
+    TaskReporter(lab_facade, log=lambda line: None).publish({"adapter": str(adapter), "stopped": True, "steps": 3, "total_steps": 9})
+    late.join()
+    state, _ = read_job(job_dir)
+    assert state["status"] == "STOPPED"
+    assert state["job_data"]["completion_details"].startswith("Stopped by user at step 3 of 9")
+
+
 def test_the_stop_flag_alone_stops_with_a_loadable_adapter(tfl, tiny_model_dir):
     """Providers that cannot signal the process leave only job_data.stop: it stops training cleanly too."""
     job_id, job_dir = tfl["make_job"](iters=20000, steps_per_eval=0, save_every=0)
