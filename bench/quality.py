@@ -67,6 +67,7 @@ ABLATIONS = [  # (what changes, the LoReFT setting, rate multiplier): one settin
     # LoBiReFT's only edit is a bias that starts at zero, so at LoReFT's rate it barely moves in 32 steps
     *[("intervention", {"intervention": "lobireft"}, scale) for scale in (10, 30)],
     ("layers", {"layers": "all"}, 0.3),  # 30 edits instead of 4 at the rate chosen for 4 may overshoot
+    ("layers", {"layers": "4;11;19;26"}, 1),  # four layers at 1/8, 3/8, 5/8, 7/8 of SmolLM2's 30: a depth-relative rule
 ]
 
 
