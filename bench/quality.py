@@ -189,7 +189,7 @@ def sweep(method: str, lrs: list[float], train, task: Task, cfg: dict) -> dict:
     """Train at each rate and score it on validation; score only the chosen run on test.
 
     Each model is loaded for scoring and dropped after, so no model but the one training is held while training."""
-    runs, loaders = [], {}
+    runs = []  # (result, its scorer's loader)
     for lr in lrs:
         result, open_scorer = train(lr)
         # one rate: nothing to choose, so no validation pass
@@ -197,12 +197,11 @@ def sweep(method: str, lrs: list[float], train, task: Task, cfg: dict) -> dict:
         result = {"method": method, "learning_rate": lr, **result, "valid": valid}
         print(f"    {method:<7} lr={lr:<8g} valid {valid['accuracy']}  loss {result['train_loss']:.3f}  "
               f"train {result['train_time_s']:.0f}s  {result['trainable']:,} params", flush=True)
-        runs.append(result)
-        loaders[id(result)] = open_scorer
-    chosen = best(runs)
-    chosen["test"] = loaders[id(chosen)]()(task, task.rows["test"][: cfg["test"]])
+        runs.append((result, open_scorer))
+    chosen = best([result for result, _ in runs])
+    chosen["test"] = next(loader for result, loader in runs if result is chosen)()(task, task.rows["test"][: cfg["test"]])
     print(f"    {method:<7} chosen lr={chosen['learning_rate']:g}: test {chosen['test']['accuracy']:.2f}", flush=True)
-    return {"chosen": chosen, "sweep": runs}
+    return {"chosen": chosen, "sweep": [result for result, _ in runs]}
 
 
 def ablate(model_path: str, task: Task, lr: float, cfg: dict, work: Path, out: list, saved=lambda: None,
@@ -269,10 +268,8 @@ def ablation_table(results: list[dict]) -> str:
     lines = ["| task | changed | test | main setting's test | trainable | train s |", "|---|---|---|---|---|---|"]
     for r in results:
         main_test = r["loreft"]["chosen"]["test"]["accuracy"]
-        for a in r.get("ablations", []):
-            change = {k: v for k, v in a["setting"].items() if MAIN_REFT.get(k) != v}
-            label = a.get("label", ablation_label(change, 1))
-            lines.append(f"| {r['task']} | {label} | {a['test']['accuracy']:.2f} | "
+        for a in r.get("ablations", []):  # this run's own ablations (an earlier run's are not carried over)
+            lines.append(f"| {r['task']} | {a['label']} | {a['test']['accuracy']:.2f} | "
                          f"{main_test:.2f} | {a['trainable']:,} | {a['train_time_s']:.0f} |")
     return "\n".join(lines)
 
