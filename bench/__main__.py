@@ -45,6 +45,7 @@ def lever_runners() -> list[dict]:
         {"kind": "loreft", "name": "ours, masked (no gather)", "kwargs": {"off": ["gather"]}},
         {"kind": "loreft", "name": "ours, generic CE gradient", "kwargs": {"off": ["fused_ce"]}},
         {"kind": "loreft", "name": "ours, head logits kept for backward", "kwargs": {"off": ["head_grad"]}},
+        {"kind": "loreft", "name": "ours, rows on one stream", "kwargs": {"off": ["row_shards"]}},
         {"kind": "loreft", "name": "ours, clear cache each step", "kwargs": {"clear_cache": True}},
         {"kind": "loreft", "name": "diag: top layer only", "kwargs": {"layers": "last"}},
         {"kind": "loreft", "name": "diag: layer 0, l1 (backprop floor)", "kwargs": {"layers": [0], "positions": "l1"}},

@@ -25,6 +25,7 @@ LEVERS = {
     "fused_scatter": "gather and scatter once per group instead of once per layer (implies select_matmul off)",
     "fused_ce": "cross-entropy through nn.losses.cross_entropy's generic gradient",
     "head_grad": "keep the LM head's logits for the backward pass (no gradient worked out in the forward, no chunks)",
+    "row_shards": "a CPU step's rows on one stream (not split over CPU streams that run at once)",
 }
 
 
@@ -104,7 +105,8 @@ def loop_options(off: Iterable[str]) -> LoopOptions:
     head_loss = (lambda head, h, t: ce(head(h), t)) if {"fused_ce", "head_grad"} & off else None
     loss = partial(completion_loss, cross_entropy=ce, head_loss=head_loss)
     return LoopOptions(loss=loss, sparse_logits="sparse_logits" not in off,
-                       batched_rotations="batched_rotations" not in off, compiled="compile" not in off)
+                       batched_rotations="batched_rotations" not in off, compiled="compile" not in off,
+                       cpu_streams=1 if "row_shards" in off else LoopOptions.cpu_streams)
 
 
 def apply_function(off: Iterable[str]):

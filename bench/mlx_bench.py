@@ -30,7 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bench.levers import apply_function, loop_options
-from bench.shapes import SHAPES, build_model, train_flops_per_token
+from bench.shapes import SHAPES, build_model, every_token_inputs, train_flops_per_token
 
 LR = 1e-4  # any small rate: the step's cost does not depend on it
 
@@ -87,9 +87,10 @@ def prompt_length(s: Setting) -> int:
 def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, rank=None, clear_cache=False) -> Runner:
     """Our step exactly as loreft.trainer.train builds and calls it (make_step), with the named levers switched off."""
     from loreft import ReftConfig, TrainConfig, attach
+    from loreft.blas import cores_shared_by
     from loreft.data import Batch
     from loreft.loss import batch_arrays
-    from loreft.trainer import make_optimizer, make_step
+    from loreft.trainer import make_optimizer, make_step, row_shards
 
     model = build_model(s.shape, s.dtype, s.seed)
     if layers == "last":
@@ -100,18 +101,21 @@ def loreft_runner(s: Setting, name: str, off=(), layers="all", positions=None, r
     optimizer.init(model.trainable_parameters())
     tokens = make_tokens(s)
     B, P = s.batch, prompt_length(s)
+    options = loop_options(off)
+    n = row_shards(options)  # the rows' split over CPU streams, as train() stages them
     if s.data == "all":  # loss on every token; not expressible as a prompt/completion Batch
-        arrays = (mx.array(tokens), mx.ones((B, s.seq)), reft.locations([P] * B).as_arrays(), None, mx.array(tokens.size))
+        shards = every_token_inputs(reft, tokens, n)
     else:
         batch = Batch(tokens=tokens, prompt_lengths=np.full(B, P, np.int32), lengths=np.full(B, s.seq + 1, np.int32))
-        arrays = batch_arrays(reft, batch)
+        shards = [batch_arrays(reft, part) for part in batch.split(n)]
     model.train()
     reft.set_apply(apply_function(off))
-    step_fn, state = make_step(reft, optimizer, cfg, options=loop_options(off))
+    step_fn, state = make_step(reft, optimizer, cfg, options=options)
 
     def step():
-        loss, *counts, _ = step_fn(*arrays, None, True)
-        mx.eval(state, loss, counts)
+        with cores_shared_by(len(shards)):  # as train() runs its steps
+            loss, *counts, _ = step_fn(shards, None, True)
+            mx.eval(state, loss, counts)
         if clear_cache:
             mx.clear_cache()
 

@@ -81,3 +81,17 @@ def build_model(shape: str, dtype: str, seed: int = 0):
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return model
+
+
+def every_token_inputs(reft, tokens, shards: int) -> list[tuple]:
+    """A training step's inputs with every next-token target supervised and the edit's prompt the whole row.
+
+    Not a prompt/completion Batch (whose first target is never supervised); the rows split into `shards`
+    parts as loreft.trainer.staged splits a Batch's.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    B, T = tokens.shape[0], tokens.shape[1] - 1
+    return [(mx.array(tokens[rows]), mx.ones((len(rows), T)), reft.locations([T] * len(rows)).as_arrays(), None,
+             mx.array(tokens[rows].size)) for rows in np.array_split(np.arange(B), min(shards, B))]

@@ -53,8 +53,10 @@ def main() -> None:
     from bench.shapes import SHAPES, build_model
     from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Batch
-    from loreft.loss import batch_arrays, stage_batches
-    from loreft.trainer import LoopOptions, make_optimizer, make_step
+    from bench.shapes import every_token_inputs
+    from loreft.blas import cores_shared_by
+    from loreft.loss import batch_arrays
+    from loreft.trainer import LoopOptions, make_optimizer, make_step, row_shards, staged
 
     world = mx.distributed.init()
     model = build_model(a.shape, a.dtype)
@@ -63,6 +65,7 @@ def main() -> None:
     optimizer = make_optimizer(cfg, 1000)
     optimizer.init(model.trainable_parameters())
     step_fn, state = make_step(reft, optimizer, cfg, world)
+    shards = row_shards(LoopOptions(), world.size())  # on a CPU the rows run on streams of their own, as in train()
     rng = np.random.default_rng(world.rank())
     tokens = rng.integers(1, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq + 1)).astype(np.int32)
     batch = Batch(tokens=tokens, prompt_lengths=np.full(a.batch, 3 * a.seq // 4, np.int32),
@@ -74,18 +77,19 @@ def main() -> None:
         losses = []
         mx.synchronize()
         start, cpu_start = time.perf_counter(), sum(os.times()[:2])
-        staged = []
+        uploaded = []
         for _ in range(n):
             t0 = time.perf_counter()
             if a.data == "all":  # not a prompt/completion Batch: made once, as bench/mlx_bench.py does
                 arrays = every_token
             elif a.inputs == "staged":
-                staged = staged or stage_batches(reft, [batch] * LoopOptions.stage_steps)
-                arrays = staged.pop()
+                uploaded = uploaded or [inputs for _, inputs in staged(enumerate([batch] * LoopOptions.stage_steps), reft,
+                                                                        LoopOptions.stage_steps, shards)]
+                arrays = uploaded.pop()
             else:
-                arrays = fixed if a.inputs == "reuse" else batch_arrays(reft, batch)
+                arrays = fixed if a.inputs == "reuse" else [batch_arrays(reft, part) for part in batch.split(shards)]
             t1 = time.perf_counter()
-            *results, _ = step_fn(*arrays, None, True)
+            *results, _ = step_fn(arrays, None, True)
             t2 = time.perf_counter()
             mx.async_eval(state, results)
             t3 = time.perf_counter()
@@ -99,12 +103,12 @@ def main() -> None:
         wall, cpu = time.perf_counter() - start, sum(os.times()[:2]) - cpu_start
         return {k: 1e3 * v / n for k, v in spent.items()} | {"step": 1e3 * wall / n, "cpu": 1e3 * cpu / n}
 
-    every_token = (mx.array(tokens[:, :a.seq + 1]), mx.ones((a.batch, a.seq)), reft.locations([a.seq] * a.batch).as_arrays(),
-                   None, mx.array(tokens.size))
-    fixed = batch_arrays(reft, batch)
+    every_token = every_token_inputs(reft, tokens, shards)
+    fixed = [batch_arrays(reft, part) for part in batch.split(shards)]
     mx.eval(fixed)
-    run(3, True)  # compile and warm up
-    queued, lockstep = run(a.steps, False), run(a.steps, True)
+    with cores_shared_by(shards):  # as train() runs its steps: the streams' matmuls share the cores
+        run(3, True)  # compile and warm up
+        queued, lockstep = run(a.steps, False), run(a.steps, True)
     row = {"rank": world.rank(), "world": world.size(), "batch": a.batch, "seq": a.seq, "layers": a.layers,
            "inputs": a.inputs, "data": a.data, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
            "queued_ms": {k: round(v, 2) for k, v in queued.items()}, "lockstep_ms": round(lockstep["step"], 2),

@@ -15,6 +15,12 @@ from pathlib import Path
 
 _applied: dict | None = None  # what the first call did: later calls return it and change nothing
 
+# MLX runs a graph's operations in breadth-first order, but at most MLX_BFS_MAX_WIDTH (20) arrays wide, and
+# lets only 10 run ahead of the one it waits for. A CPU training step splits its rows over two streams, each
+# on a thread of its own (trainer.row_shards): at width 20 the order is one stream's chain, then the other's,
+# and only one thread works at a time; unbounded, the two chains interleave and both cores work.
+CPU_GRAPH_WIDTH = "1000000"
+
 
 def kernel_cache_root() -> Path:
     """Where compiled-kernel caches live: $LOREFT_CACHE, else $XDG_CACHE_HOME/mlx-loreft or ~/.cache/mlx-loreft."""
@@ -23,7 +29,7 @@ def kernel_cache_root() -> Path:
 
 
 def setup() -> dict:
-    """Fast BLAS and vectorized fused kernels on Linux CPUs, the CUDA graph size and a lasting kernel cache on NVIDIA GPUs.
+    """Fast BLAS, vectorized fused kernels and interleaved streams on Linux CPUs; the CUDA graph size and a lasting kernel cache on NVIDIA GPUs.
 
     Returns what was applied.
 
@@ -42,5 +48,14 @@ def setup() -> dict:
     from .cuda import default_kernel_cache, tune_cuda_graphs
 
     _applied = {"fast_blas": fast_blas, "cpu_kernels": cpu_kernels.enable(mx.__version__),
-                "cuda_graphs_tuned": tune_cuda_graphs(), "kernel_cache": default_kernel_cache()}
+                "cuda_graphs_tuned": tune_cuda_graphs(), "kernel_cache": default_kernel_cache(),
+                "cpu_streams_interleaved": interleave_cpu_streams(mx)}
     return _applied
+
+
+def interleave_cpu_streams(mx) -> bool:
+    """Unbound MLX's breadth-first graph order (read when MLX first evaluates) on a CPU; True if this set it."""
+    if os.environ.get("MLX_BFS_MAX_WIDTH") or mx.default_device() != mx.cpu:
+        return False
+    os.environ["MLX_BFS_MAX_WIDTH"] = CPU_GRAPH_WIDTH
+    return True

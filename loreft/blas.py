@@ -11,6 +11,7 @@ libgfortran). Set LOREFT_NO_FAST_BLAS=1 to keep MLX's own BLAS.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "LOREFT_NO_FAST_BLAS"
 _result: str | None = None  # what an earlier call loaded, so repeat calls are cheap and agree
+_library: ctypes.CDLL | None = None  # the loaded MKL, for its thread count
 
 
 def _mkl_rt() -> tuple[Path, str] | None:
@@ -42,7 +44,7 @@ def _mkl_rt() -> tuple[Path, str] | None:
 
 def enable_fast_blas() -> str | None:
     """Load an optimized BLAS for MLX's CPU matmuls; return what was loaded, or None. Never raises."""
-    global _result
+    global _result, _library
     if _result is not None:
         return _result
     try:
@@ -66,10 +68,28 @@ def enable_fast_blas() -> str | None:
         if not all(hasattr(probe, name) for name in ("cblas_sgemm", "cblas_dgemm")):
             log.debug("fast BLAS: %s lacks cblas_sgemm/cblas_dgemm", path)
             return None
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # now libmlx will bind to it
+        _library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # now libmlx will bind to it
         _result = f"mkl {version} ({path.name})"
         log.debug("fast BLAS: loaded %s from %s", _result, path)
         return _result
     except Exception as exc:  # noqa: BLE001  a broken install must never stop training
         log.debug("fast BLAS: not loaded (%s: %s)", type(exc).__name__, exc)
         return None
+
+
+@contextlib.contextmanager
+def cores_shared_by(streams: int):
+    """Within the block, each call into the fast BLAS uses 1/streams of its threads: for streams that run at once.
+
+    MKL runs a thread per core (or MKL_NUM_THREADS); with that in each, two streams on two cores would run
+    four threads, each waiting on the others. No change without MKL or with one stream.
+    """
+    if _library is None or streams <= 1:
+        yield
+        return
+    before = _library.MKL_Get_Max_Threads()
+    _library.MKL_Set_Num_Threads(max(1, before // streams))
+    try:
+        yield
+    finally:
+        _library.MKL_Set_Num_Threads(before)

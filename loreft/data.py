@@ -44,6 +44,11 @@ class Batch:
         inside = (target >= self.prompt_lengths[:, None]) & (target < self.lengths[:, None])
         return inside.astype(np.float32)
 
+    def split(self, parts: int) -> list["Batch"]:
+        """The rows in up to `parts` consecutive, nearly equal groups, each a Batch of the same width."""
+        groups = np.array_split(np.arange(len(self.tokens)), min(parts, len(self.tokens)))
+        return [Batch(self.tokens[g], self.prompt_lengths[g], self.lengths[g]) for g in groups]
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loading

@@ -75,7 +75,7 @@ class StepQueue:
         # dropout keys depend on (seed, step, rank) alone: resumable, and ranks draw different masks
         mx.random.seed((self.seed * 1_000_003 + step) * self.group.size() + self.group.rank())
         update = (step + 1) % self.accumulation == 0 or step + 1 == self.total_steps
-        *results, self.accumulated = self.step_fn(*inputs, self.accumulated, update)
+        *results, self.accumulated = self.step_fn(inputs, self.accumulated, update)
         mx.async_eval(self.state, results, self.accumulated)
         self.queued.append(Queued(step, tuple(results), before))
 

@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .blas import cores_shared_by
 from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -52,6 +53,7 @@ class LoopOptions:
     stage_steps: int = 32  # steps whose inputs are uploaded together (stage_batches)
     stop_vote: bool = True  # several processes: vote on stopping after every step (off: the run cannot be stopped)
     plot: Callable | None = plot_loss  # (history, path) -> None: loss.png beside the adapter
+    cpu_streams: int = 2  # on a CPU: each batch's rows split over this many streams, each run by a thread of its own
 
 
 def resolve_dtype(name: str) -> mx.Dtype:
@@ -184,16 +186,34 @@ def batch_stream(examples, cfg: TrainConfig, start: int, total: int, pad_id: int
                 return
 
 
-def staged(stream: Iterator[tuple[int, Batch]], reft: Reft, stage_steps: int) -> Iterator[tuple[int, tuple]]:
-    """(step, step inputs) for a (step, batch) stream, the inputs uploaded stage_steps steps at a time."""
+def row_shards(options: LoopOptions, world_size: int = 1) -> int:
+    """Parts a step splits its batch's rows into, each worked out on a stream of its own: several on a CPU only.
+
+    MLX runs a CPU stream's operations one at a time, most of them on one thread (only matmuls use more), so
+    one stream leaves all but one core idle for much of a step; a GPU runs one stream's kernels across the chip.
+    Several processes on CPUs already keep several cores busy: one part each.
+    """
+    return max(1, options.cpu_streams) if mx.default_device() == mx.cpu and world_size == 1 else 1
+
+
+def staged(stream: Iterator[tuple[int, Batch]], reft: Reft, stage_steps: int, shards: int = 1) -> Iterator[tuple[int, tuple]]:
+    """(step, step inputs) for a (step, batch) stream, the inputs uploaded stage_steps steps at a time.
+
+    A step's inputs: one (tokens, mask, locations, supervised, token count) tuple per shard of its batch's rows.
+    """
     while chunk := list(islice(stream, stage_steps)):
-        yield from zip([step for step, _ in chunk], stage_batches(reft, [batch for _, batch in chunk]))
+        parts = [batch.split(shards) for _, batch in chunk]
+        arrays = iter(stage_batches(reft, [part for batch_parts in parts for part in batch_parts]))
+        for (step, _), batch_parts in zip(chunk, parts):
+            yield step, tuple(islice(arrays, len(batch_parts)))
 
 
 def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=None, options: LoopOptions | None = None):
     """(step function, the state it updates): one batch's loss and gradient, and the update when it is due.
 
-    step(tokens, mask, locations, supervised, n_tokens, accumulated, update) -> (loss, targets, tokens, lr, accumulated)
+    step(shards, accumulated, update) -> (loss, targets, tokens, lr, accumulated), where shards holds one
+    (tokens, mask, locations, supervised, n_tokens) tuple per part of the batch's rows (staged()), at most one
+    per stream (row_shards(options)); each part's loss and gradient are worked out on a stream of its own.
     """
     options = options or LoopOptions()
     group = group or mx.distributed.init()
@@ -213,13 +233,25 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
 
     loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
+    # each CPU stream has a thread of its own (MLX runs their work at once only if it interleaves: backend.setup)
+    streams = [mx.default_stream(mx.default_device())]
+    streams += [mx.new_stream(mx.cpu) for _ in range(row_shards(options, group.size()) - 1)]
 
-    def step(tokens, mask, locs, supervised, n_tokens, accumulated, update):
+    def shard_loss_and_grad(stream, tokens, mask, locs, supervised, n_tokens):
+        with mx.stream(stream) if len(streams) > 1 else contextlib.nullcontext():
+            (total, targets), grad = loss_and_grad(model, tokens, mask, locs, supervised)
+            return mx.stack([total, targets, n_tokens.astype(mx.float32)]), grad
+
+    def step(shards, accumulated, update):
         # Gradients of loss sums, divided by the target count of the whole update only after adding them up
-        # (over ranks and accumulated batches): the token mean of the global batch, whatever each share
-        # holds, with one all-reduce per step that carries the counts too (no collective mid-step).
-        (total, targets), grad = loss_and_grad(model, tokens, mask, locs, supervised)
-        counts = mx.stack([total, targets, n_tokens.astype(mx.float32)])  # this rank's loss sum, targets, tokens
+        # (over row shards, ranks and accumulated batches): the token mean of the global batch, whatever each
+        # share holds, with one all-reduce per step that carries the counts too (no collective mid-step).
+        if len(shards) > len(streams):
+            raise ValueError(f"{len(shards)} row shards for {len(streams)} streams")
+        parts = [shard_loss_and_grad(stream, *shard) for stream, shard in zip(streams, shards)]
+        counts, grad = parts[0]  # this rank's loss sum, targets, tokens, and their gradient
+        for more_counts, more_grad in parts[1:]:
+            counts, grad = counts + more_counts, tree_map(lambda a, b: a + b, grad, more_grad)
         grad_sum, targets_before = accumulated if accumulated is not None else (None, 0.0)
         if grad_sum is not None:
             grad = tree_map(lambda a, b: a + b, grad, grad_sum)
@@ -307,11 +339,13 @@ def train(
                 "notes": _run_notes(cfg, group.size()), **args_record})
 
     model.train()
-    steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps)
-    for step, results in queue.run(steps):
-        book.record(step, results)
-        book.after_step(step + 1, mid_update=queue.accumulated is not None)
-        queue.stop_if(book.stop_requested() or book.early_stop_reason is not None)
+    shards = row_shards(options, group.size())
+    steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps, shards)
+    with cores_shared_by(shards):  # the streams' matmuls run at once
+        for step, results in queue.run(steps):
+            book.record(step, results)
+            book.after_step(step + 1, mid_update=queue.accumulated is not None)
+            queue.stop_if(book.stop_requested() or book.early_stop_reason is not None)
 
     final_step = start + book.steps_done
     stopped = queue.stopped and book.early_stop_reason is None  # early stopping ends the run normally

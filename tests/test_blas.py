@@ -46,7 +46,8 @@ print(json.dumps(out))
 
 def run_child(code: str, *args: str, **env: str) -> dict:
     """Run code (with sys.argv[1:] = args) in a fresh python with loreft importable; return the JSON it prints last."""
-    child_env = {k: v for k, v in os.environ.items() if k != "LOREFT_NO_FAST_BLAS"}
+    # as a fresh shell would have it: this process's setup() set MLX_BFS_MAX_WIDTH
+    child_env = {k: v for k, v in os.environ.items() if k not in ("LOREFT_NO_FAST_BLAS", "MLX_BFS_MAX_WIDTH")}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     child_env.update(env)
     proc = subprocess.run(
@@ -187,3 +188,23 @@ def test_mlx_lm_forward_and_grad_match_stock_blas(tmp_path):
     assert fast["grads"].keys() == stock["grads"].keys() and len(fast["grads"]) > 10
     for name, norm in stock["grads"].items():
         assert abs(fast["grads"][name] - norm) <= 1e-4 * norm + 1e-7, name
+
+
+GRAPH_WIDTH = """
+import json, os
+from loreft.backend import CPU_GRAPH_WIDTH, setup
+applied = setup()
+import mlx.core as mx
+out = {"set": applied["cpu_streams_interleaved"], "width": os.environ.get("MLX_BFS_MAX_WIDTH"),
+       "expected": CPU_GRAPH_WIDTH, "cpu": mx.default_device() == mx.cpu}
+"""
+
+
+def test_setup_unbounds_the_graph_order_on_a_cpu_unless_the_user_set_it():
+    # a CPU step's row shards run at once only if MLX interleaves their streams' work (loreft.trainer.row_shards)
+    out = run_child(GRAPH_WIDTH)
+    if not out["cpu"]:
+        pytest.skip("MLX's default device is a GPU here")
+    assert out["set"] is True and out["width"] == out["expected"], out
+    out = run_child(GRAPH_WIDTH, MLX_BFS_MAX_WIDTH="7")
+    assert out["set"] is False and out["width"] == "7", out

@@ -319,6 +319,18 @@ def test_loss_mask_covers_exactly_completion_tokens(tiny_tokenizer):
     assert mask.sum() == target_tokens(batch) == sum(len(e.completion) for e in examples)
 
 
+@pytest.mark.parametrize("rows, parts, sizes", [(5, 2, [3, 2]), (5, 3, [2, 2, 1]), (2, 3, [1, 1]), (1, 2, [1])])
+def test_a_batch_splits_into_consecutive_row_groups_of_its_width(rows, parts, sizes):
+    examples = [Example(prompt=[10 + i] * (1 + i), completion=[50 + i] * (3 - i % 3)) for i in range(rows)]
+    batch = collate(examples, pad_id=0, pad_to=8)
+    split = batch.split(parts)
+    assert [len(p.tokens) for p in split] == sizes
+    assert all(p.tokens.shape[1] == batch.tokens.shape[1] for p in split)
+    assert np.array_equal(np.concatenate([p.tokens for p in split]), batch.tokens)
+    assert np.array_equal(np.concatenate([p.loss_mask() for p in split]), batch.loss_mask())
+    assert np.array_equal(np.concatenate([p.lengths for p in split]), batch.lengths)
+
+
 @pytest.mark.parametrize("longest, width", [(512, 513), (513, 513), (514, 545), (2, 33), (33, 33), (34, 65)])
 def test_inputs_are_padded_to_a_multiple_of_pad_to(longest, width):
     # the model sees tokens[:, :-1]: that width, not the batch's, is rounded up (a row of 512 tokens gets one pad)

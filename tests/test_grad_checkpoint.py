@@ -63,7 +63,7 @@ def test_trainer_step_same_update_and_less_memory(tmp_path):
         mx.clear_cache()
         mx.reset_peak_memory()
         before = mx.get_active_memory()
-        loss, *_ = step(mx.array(tokens), mx.array(mask), locs, None, mx.array(tokens.size), None, True)
+        loss, *_ = step([(mx.array(tokens), mx.array(mask), locs, None, mx.array(tokens.size))], None, True)
         mx.eval(state, loss)
         results[on] = (loss.item(), {k: np.array(v) for k, v in reft.parameters().items()},
                        mx.get_peak_memory() - before)

@@ -290,6 +290,46 @@ def test_staged_inputs_are_each_batchs_own_arrays(tiny_model_dir):
     assert staged[0][3] is not None and staged[1][3] is None  # 3/4+ supervised: full logits, no positions
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="rows are split over streams on a CPU only")
+@pytest.mark.parametrize("streams", [2, 3])
+def test_rows_split_over_cpu_streams_train_as_one_batch(tiny_model_dir, tmp_path, streams):
+    # batches of 5 and 3 rows with 1 to 4 completion tokens: the shards hold different numbers of rows and
+    # targets, so only loss sums and target counts added over the shards (not a mean of their means) match
+    rows = [([1, 2, 3, 4], [5 + i % 3, 6, 2, 7][: 1 + i % 4]) for i in range(8)]
+    ex = [Example(prompt=p, completion=c) for p, c in rows]
+    assert trainer_module.row_shards(LoopOptions(cpu_streams=streams)) == streams
+    runs = {}
+    for n in (1, streams):
+        summary = train(fresh(tiny_model_dir), ex, None, cfg(batch_size=5, epochs=2), tmp_path / str(n),
+                        options=LoopOptions(cpu_streams=n))
+        history = [json.loads(line) for line in (tmp_path / str(n) / "metrics.jsonl").read_text().splitlines()]
+        runs[n] = (mx.load(str(tmp_path / str(n) / "adapter.safetensors")), losses(history), summary["steps"])
+    (one, one_losses, one_steps), (split, split_losses, split_steps) = runs[1], runs[streams]
+    assert one_steps == split_steps == 4
+    assert split_losses == pytest.approx(one_losses, rel=1e-5)
+    for k in one:
+        assert np.allclose(np.array(one[k]), np.array(split[k]), atol=1e-5), k
+
+
+def test_cpu_streams_share_the_cores_in_blas_calls_during_training(tiny_model_dir, examples, tmp_path):
+    import loreft.blas as blas
+
+    if blas._library is None:
+        pytest.skip("no fast BLAS loaded: nothing to share")
+    seen = []
+
+    class ThreadsDuringTraining(Callback):
+        def on_report(self, m):
+            seen.append(blas._library.MKL_Get_Max_Threads())
+
+    ex, pad = examples
+    before = blas._library.MKL_Get_Max_Threads()
+    train(fresh(tiny_model_dir), ex, None, cfg(epochs=1), tmp_path / "a", pad_id=pad, callbacks=[ThreadsDuringTraining()],
+          options=LoopOptions(cpu_streams=2))
+    assert seen and set(seen) == {max(1, before // 2)}
+    assert blas._library.MKL_Get_Max_Threads() == before
+
+
 def test_upload_chunk_size_does_not_change_training(tiny_model_dir, examples, tmp_path):
     ex, pad = examples
     runs = []

@@ -239,7 +239,7 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
         if fast:
             step, state = make_step(reft, opt, TrainConfig(learning_rate=1e-2))
             supervised = supervised_positions(mask, np.array(tokens)[:, 1:])
-            loss, *_ = step(tokens, mx.array(mask), locs.as_arrays(), mx.array(supervised), mx.array(tokens.size), None, True)
+            loss, *_ = step([(tokens, mx.array(mask), locs.as_arrays(), mx.array(supervised), mx.array(tokens.size))], None, True)
             mx.eval(state, loss)
         else:
             reft.set_locations(locs)
@@ -280,7 +280,7 @@ def test_the_step_indexes_nothing_by_integer(tiny_model_dir, tmp_path):
     arrays = batch_arrays(reft, Batch(tokens, np.array([40, 44, 50], np.int32), np.array([64, 61, 64], np.int32)))
     assert arrays[3] is not None  # the supervised-rows path is the one checked
     step, state = make_step(reft, opt, TrainConfig(learning_rate=1e-2), options=LoopOptions(compiled=False))
-    loss, *_ = step(*arrays, None, True)
+    loss, *_ = step([arrays], None, True)
     graph = tmp_path / "step.dot"
     mx.export_to_dot(str(graph), loss, *[v for _, v in tree_flatten(model.trainable_parameters())])
     ops = __import__("re").findall(r'label ="(\w+)', graph.read_text())
