@@ -9,8 +9,10 @@ those loops. The values do not change: the fmas were already fused (libm's fmaf 
 does not contract other products in C++17 mode, and the other two flags only allow if-conversion and
 inlining. Set LOREFT_NO_FAST_KERNELS=1 to keep MLX's command.
 
-MLX keeps built kernels in <temp>/mlx/<version>/cpu and never rebuilds one that is there, so the first
-setup() with the wrapper empties that folder once (a marker file records the flags it was built with).
+MLX keeps built kernels in <temp>/mlx/<version>/cpu and never rebuilds one that is there, whoever built it: any
+other MLX program on the machine (mlx_lm lora, say) leaves kernels of the same names built without the flags.
+So the wrapper also names each kernel it builds (its ELF soname says the flags), and setup() drops the kernels
+in that folder that do not carry the name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from .backend import kernel_cache_root
@@ -28,7 +31,8 @@ log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "LOREFT_NO_FAST_KERNELS"
 FLAGS = "-mavx2 -mfma -fno-trapping-math -finline-limit=1000"
-MARKER = ".loreft-jit-flags"
+SONAME = "loreft-jit-avx2-fma-1"  # the wrapper's kernels carry it; change it with FLAGS
+FOREIGN_AGE_S = 60  # a kernel without that name is dropped once it is this old: younger, its builder may not have loaded it
 _active = False
 
 
@@ -58,7 +62,7 @@ def _write_wrapper(folder: Path, compiler: str) -> None:
         "# written by loreft.backend.setup(): MLX's fused CPU kernels (built in <temp>/mlx/<version>/cpu) vectorized;\n"
         "# any other compilation passes through unchanged\n"
         'case "$*" in\n'
-        f'  *-shared*/mlx/*/cpu/*) exec "{compiler}" {FLAGS} "$@" ;;\n'
+        f'  *-shared*/mlx/*/cpu/*) exec "{compiler}" {FLAGS} -Wl,-soname,{SONAME} "$@" ;;\n'
         f'  *) exec "{compiler}" "$@" ;;\n'
         "esac\n"
     )
@@ -72,15 +76,17 @@ def _write_wrapper(folder: Path, compiler: str) -> None:
     os.replace(tmp, path)
 
 
-def _drop_unflagged_kernels(folder: Path) -> None:
-    """Empty MLX's kernel folder once, unless its marker says the kernels there were built with FLAGS."""
-    marker = folder / MARKER
-    if marker.is_file() and marker.read_text() == FLAGS:
+def _drop_foreign_kernels(folder: Path) -> None:
+    """Remove the kernels in MLX's folder that the wrapper did not build (MLX then rebuilds them through it)."""
+    if not folder.is_dir():
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
     for lib in folder.glob("lib*.so"):
-        lib.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
-    marker.write_text(FLAGS)
+        try:
+            if SONAME.encode() not in lib.read_bytes() and now - lib.stat().st_mtime >= FOREIGN_AGE_S:
+                lib.unlink()  # a process that loaded it keeps its mapping
+        except OSError:
+            pass
 
 
 def enable(mlx_version: str) -> bool:
@@ -103,7 +109,7 @@ def enable(mlx_version: str) -> bool:
             _active = True  # already first on PATH (a child of a process that ran setup)
             return True
         _write_wrapper(folder, compiler)
-        _drop_unflagged_kernels(_mlx_kernel_dir(mlx_version))
+        _drop_foreign_kernels(_mlx_kernel_dir(mlx_version))
         os.environ["PATH"] = os.pathsep.join([str(folder), os.environ.get("PATH", "")])
         _active = True
         return True

@@ -1,5 +1,6 @@
 """loreft.cpu_kernels: MLX's fused CPU kernels built through the g++ wrapper are vectorized (no libm fmaf
-calls left), give the same values as MLX's own build, stale kernels are dropped once, and the opt-out works.
+calls left), give the same values as MLX's own build, kernels another MLX program built are dropped and
+rebuilt, and the opt-out works.
 
 Each case runs in a fresh interpreter with its own temp folder, so MLX's kernel cache starts empty.
 """
@@ -12,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.skipif(
 CHILD = """
 import json, os, sys
 import loreft.backend
+from loreft import cpu_kernels
 applied = loreft.backend.setup()
 import mlx.core as mx
 import numpy as np
@@ -40,14 +43,15 @@ rows, silu = f(x)
 mx.eval(rows, silu)
 folder = os.path.join(os.environ["TMPDIR"], "mlx", mx.__version__, "cpu")
 libs = {n: b"fmaf" in open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if n.endswith(".so")}
+named = sorted(n for n in libs if cpu_kernels.SONAME.encode() in open(os.path.join(folder, n), "rb").read())
 print(json.dumps({"applied": applied, "rows": np.array(rows).tolist(), "silu": np.array(silu).ravel()[:4000].tolist(),
-                  "libs": libs, "path0": os.environ["PATH"].split(os.pathsep)[0]}))
+                  "libs": libs, "named": named, "path0": os.environ["PATH"].split(os.pathsep)[0]}))
 """
 
 
 def run_child(tmp_path: Path, name: str, **env: str) -> dict:
     temp = tmp_path / name
-    temp.mkdir()
+    temp.mkdir(exist_ok=True)
     child_env = {k: v for k, v in os.environ.items() if k != cpu_kernels.OPT_OUT_ENV}
     child_env.update(PYTHONPATH=str(ROOT), TMPDIR=str(temp), LOREFT_CACHE=str(tmp_path / "cache"), **env)
     # a PATH without a wrapper a parent process put there
@@ -76,24 +80,21 @@ def test_wrapper_vectorizes_kernels_and_keeps_values(tmp_path):
     np.testing.assert_allclose(fast["rows"], want, rtol=1e-5)
 
 
-def test_stale_kernels_dropped_once(tmp_path):
+def test_kernels_another_mlx_program_built_are_rebuilt_with_the_flags(tmp_path):
+    # MLX's own command (here: the opt-out) fills the shared kernel folder first, as mlx_lm lora would
+    plain = run_child(tmp_path, "shared", **{cpu_kernels.OPT_OUT_ENV: "1"})
+    assert plain["libs"] and any(plain["libs"].values()) and plain["named"] == [], plain
     import mlx.core as mx
 
-    folder = tmp_path / "t" / "mlx" / mx.__version__ / "cpu"
-    folder.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "t"), "LOREFT_CACHE": str(tmp_path / "cache"),
-           "PATH": "/usr/bin:/bin"}
-    env.pop(cpu_kernels.OPT_OUT_ENV, None)
-
-    def setup_in_child():
-        code = "import loreft.backend; print(loreft.backend.setup()['cpu_kernels'])"
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert out.stdout.strip() == "True", out.stderr[-2000:]
-
-    (folder / "libstale.so").write_bytes(b"built by MLX's own command")
-    setup_in_child()
-    assert not (folder / "libstale.so").exists()
-    assert (folder / cpu_kernels.MARKER).read_text() == cpu_kernels.FLAGS
-    (folder / "libnew.so").write_bytes(b"built through the wrapper")
-    setup_in_child()
-    assert (folder / "libnew.so").exists()  # the marker says the folder is current: nothing dropped
+    folder = tmp_path / "shared" / "mlx" / mx.__version__ / "cpu"
+    old = time.time() - 2 * cpu_kernels.FOREIGN_AGE_S
+    for lib in folder.glob("lib*.so"):
+        os.utime(lib, (old, old))
+    (folder / "libjust-built-elsewhere.so").write_bytes(b"its builder may not have loaded it yet")
+    fast = run_child(tmp_path, "shared")
+    # the same kernels, rebuilt through the wrapper: no libm fmaf calls, each carrying the wrapper's name
+    assert set(fast["libs"]) == set(plain["libs"]) | {"libjust-built-elsewhere.so"}
+    assert not any(v for n, v in fast["libs"].items() if n != "libjust-built-elsewhere.so"), fast["libs"]
+    assert fast["named"] == sorted(plain["libs"])
+    assert fast["rows"] == plain["rows"] and fast["silu"] == plain["silu"]
+    assert (folder / "libjust-built-elsewhere.so").exists()  # too young to drop
