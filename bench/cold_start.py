@@ -226,12 +226,12 @@ def lora_cmd(model: Path, data: Path, adapter: Path, a, extra: list[str] = ()) -
 
 def loreft_worker(policy: str, args: list[str]) -> int:
     """`loreft train` in this process, with a policy: default (the library's), or '+'-joined changes to it:
-    limit=<GB> (plus mx.set_cache_limit), head-chunk=<logits> (loreft.loss.HEAD_CHUNK_ELEMENTS), plain-head (the
+    limit=<GB> or limit=none (loreft.bookkeeper.TRAINING_CACHE_LIMIT, MLX's cache of freed buffers while training;
+    none: MLX's own limit), head-chunk=<logits> (loreft.loss.HEAD_CHUNK_ELEMENTS), plain-head (the
     LM head's loss as token_cross_entropy of the full head output, keeping its logits for the backward pass)."""
     import loreft.backend
 
     loreft.backend.setup()  # as the CLI does, before mlx.core is imported (main() below calls it again: no-op)
-    import mlx.core as mx
 
     from loreft.cli import main
 
@@ -240,12 +240,13 @@ def loreft_worker(policy: str, args: list[str]) -> int:
     except ImportError:  # the CLI reads data through HF datasets, as users run it
         raise SystemExit("bench/cold_start.py: the HF `datasets` package is missing; carry its wheel (and pyarrow's) "
                          "to this machine") from None
+    import loreft.bookkeeper
     import loreft.loss
 
     for change in policy.split("+"):
         name, _, value = change.partition("=")
         if name == "limit":
-            mx.set_cache_limit(int(float(value) * 1e9))
+            loreft.bookkeeper.TRAINING_CACHE_LIMIT = None if value == "none" else int(float(value) * 1e9)
         elif name == "head-chunk":
             loreft.loss.HEAD_CHUNK_ELEMENTS = int(float(value))
         elif name == "plain-head":
@@ -402,7 +403,7 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=None,
                    help="prompt tokens per row (default 3/4 of --seq: the last quarter supervised; 14 with f7+l7: about every token)")
     p.add_argument("--report", type=int, default=10, help="steps per report (the first report holds the compile)")
-    p.add_argument("--policies", default="default,limit=2", help="memory plan: loreft's policies, comma-separated (default, or '+'-joined limit=<GB>, "
+    p.add_argument("--policies", default="default,limit=none", help="memory plan: loreft's policies, comma-separated (default, or '+'-joined limit=<GB|none>, "
                    "head-chunk=<logits>, plain-head)")
     p.add_argument("--lengths", default="2048,4096", help="checkpoint plan: row lengths")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="checkpoint plan: batch = this / length")

@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .blas import cores_shared_by
-from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory
+from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory, training_cache_limit
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Batch, Example, check_enough, iterate_batches, num_batches
@@ -341,7 +341,7 @@ def train(
     model.train()
     shards = row_shards(options, group.size())
     steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps, shards)
-    with cores_shared_by(shards):  # the streams' matmuls run at once
+    with cores_shared_by(shards), training_cache_limit():  # the streams' matmuls run at once
         for step, results in queue.run(steps):
             book.record(step, results)
             book.after_step(step + 1, mid_update=queue.accumulated is not None)

@@ -330,6 +330,30 @@ def test_cpu_streams_share_the_cores_in_blas_calls_during_training(tiny_model_di
     assert blas._library.MKL_Get_Max_Threads() == before
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_training_caps_mlx_buffer_cache_on_cuda_only_and_restores_it(tiny_model_dir, examples, tmp_path, monkeypatch, cuda):
+    import loreft.bookkeeper as bookkeeper
+
+    monkeypatch.setattr(bookkeeper, "_on_cuda", lambda: cuda)
+    seen = []
+
+    class CacheLimitDuringTraining(Callback):
+        def on_report(self, m):
+            limit = mx.set_cache_limit(0)  # MLX has no getter: setting returns the limit in force
+            mx.set_cache_limit(limit)
+            seen.append(limit)
+
+    ex, pad = examples
+    users = 7 * 2**30
+    before = mx.set_cache_limit(users)
+    try:
+        train(fresh(tiny_model_dir), ex, None, cfg(epochs=1), tmp_path / "a", pad_id=pad, callbacks=[CacheLimitDuringTraining()])
+    finally:
+        after = mx.set_cache_limit(before)
+    assert seen and set(seen) == {bookkeeper.TRAINING_CACHE_LIMIT if cuda else users}
+    assert after == users
+
+
 def test_upload_chunk_size_does_not_change_training(tiny_model_dir, examples, tmp_path):
     ex, pad = examples
     runs = []
