@@ -50,6 +50,24 @@ def _logsumexp(x: mx.array) -> mx.array:
     return mx.logsumexp(x, axis=-1)
 
 
+@mx.compile
+def _fused_logsumexp_and_grad(x: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
+    top = x.max(axis=-1, keepdims=True)
+    e = mx.exp(x - top)
+    total = e.sum(axis=-1, keepdims=True)
+    return (mx.log(total) + top).squeeze(-1), e / total - (mx.arange(x.shape[-1]) == targets[..., None])
+
+
+def _logsumexp_and_grad(x: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
+    """(each row's logsumexp, softmax(x) - one_hot(targets)); on a CPU with vectorized fused kernels, one exp pass for both."""
+    # a fused CPU kernel with a per-row operand (the row's max) runs scalar code: exp is most of the loss's
+    # time there, so the gradient reuses the logsumexp's exponentials instead of computing them again
+    if cpu_kernels.active() and mx.default_device() == mx.cpu:
+        return _fused_logsumexp_and_grad(x, targets)
+    lse = mx.logsumexp(x, axis=-1)
+    return lse, _logit_grad(x, lse, targets)
+
+
 @token_cross_entropy.vjp
 def _token_cross_entropy_vjp(primals, cotangent, output):
     # softmax - one_hot in one fused elementwise pass over the logits, straight to their dtype: the generic
@@ -88,10 +106,12 @@ def head_cross_entropy(head: Callable, hidden: mx.array, targets: mx.array) -> m
         losses, grads = [], []
         for start in range(0, n, rows):
             h_part, t_part = h[start:start + rows], t[start:start + rows]
+            if grads:  # a chunk's logits wait for the previous chunk's gradient, in whatever order MLX evaluates
+                h_part = mx.depends(h_part, grads[-1])
             logits = head(h_part)
             x = logits.astype(mx.float32)
-            lse = _logsumexp(x)
-            grads.append(mx.vjp(head, [h_part], [_logit_grad(x, lse, t_part).astype(logits.dtype)])[1][0])
+            lse, logit_grad = _logsumexp_and_grad(x, t_part)
+            grads.append(mx.vjp(head, [h_part], [logit_grad.astype(logits.dtype)])[1][0])
             # the loss waits for the gradient: both are done with a chunk's logits before the next chunk starts
             losses.append(mx.depends(lse - _picked(x, t_part), grads[-1]))
         return mx.concatenate(losses), mx.concatenate(grads)
