@@ -36,8 +36,8 @@ def release_cached_memory() -> None:
 # While training on an NVIDIA GPU, MLX keeps at most this many bytes of freed buffers for reuse (None: MLX's own
 # limit). A step's buffers come back at the same sizes every step and are reused within it; without a cap MLX
 # also keeps buffers of sizes no later allocation asks for, and nvidia-smi counts them: on an H200 with about
-# every token of 8 x 512 supervised, 14.0-14.3 GB at the peak against 15.3-15.8 GB uncapped, at the same speed
-# (BENCHMARKS.md, "Whole jobs through the command lines").
+# every token of 8 x 512 supervised, 13.4-14.3 GB at the peak against 15.3-15.8 GB uncapped, with no speed cost
+# seen through the spread between jobs (BENCHMARKS.md, "Whole jobs through the command lines").
 TRAINING_CACHE_LIMIT: int | None = 256 * 2**20
 
 

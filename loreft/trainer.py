@@ -341,7 +341,8 @@ def train(
     model.train()
     shards = row_shards(options, group.size())
     steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps, shards)
-    with cores_shared_by(shards), training_cache_limit():  # the streams' matmuls run at once
+    # CPU streams share the cores in their matmuls; on a GPU, MLX's cache of freed buffers is capped
+    with cores_shared_by(shards), training_cache_limit():
         for step, results in queue.run(steps):
             book.record(step, results)
             book.after_step(step + 1, mid_update=queue.accumulated is not None)
