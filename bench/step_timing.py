@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--inputs", choices=["staged", "per-step", "reuse"], default="staged",
                    help="staged: uploaded LoopOptions.stage_steps steps at a time, as train() does; per-step: six arrays "
                         "made every step; reuse: made once (no upload at all)")
+    p.add_argument("--cpu-streams", type=int, default=None, help="on a CPU: streams a step's rows are split over "
+                   "(default: the trainer's, LoopOptions.cpu_streams)")
     a = p.parse_args()
 
     from loreft.backend import setup
@@ -64,8 +66,9 @@ def main() -> None:
     cfg = TrainConfig(learning_rate=1e-4, lr_schedule="constant", warmup_ratio=0.0, batch_size=a.batch, iters=1000)
     optimizer = make_optimizer(cfg, 1000)
     optimizer.init(model.trainable_parameters())
-    step_fn, state = make_step(reft, optimizer, cfg, world)
-    shards = row_shards(LoopOptions(), world.size())  # on a CPU the rows run on streams of their own, as in train()
+    options = LoopOptions() if a.cpu_streams is None else LoopOptions(cpu_streams=a.cpu_streams)
+    step_fn, state = make_step(reft, optimizer, cfg, world, options)
+    shards = row_shards(options, world.size())  # on a CPU the rows run on streams of their own, as in train()
     rng = np.random.default_rng(world.rank())
     tokens = rng.integers(1, SHAPES[a.shape]["vocab_size"], (a.batch, a.seq + 1)).astype(np.int32)
     batch = Batch(tokens=tokens, prompt_lengths=np.full(a.batch, 3 * a.seq // 4, np.int32),
