@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 OPT_OUT_ENV = "LOREFT_NO_FAST_BLAS"
 _result: str | None = None  # what an earlier call loaded, so repeat calls are cheap and agree
 _library: ctypes.CDLL | None = None  # the loaded MKL, for its thread count
+_default_threads = 1  # MKL's own thread count (a thread per core, or MKL_NUM_THREADS) when it was loaded
 
 
 def _mkl_rt() -> tuple[Path, str] | None:
@@ -44,7 +45,7 @@ def _mkl_rt() -> tuple[Path, str] | None:
 
 def enable_fast_blas() -> str | None:
     """Load an optimized BLAS for MLX's CPU matmuls; return what was loaded, or None. Never raises."""
-    global _result, _library
+    global _result, _library, _default_threads
     if _result is not None:
         return _result
     try:
@@ -69,6 +70,7 @@ def enable_fast_blas() -> str | None:
             log.debug("fast BLAS: %s lacks cblas_sgemm/cblas_dgemm", path)
             return None
         _library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # now libmlx will bind to it
+        _default_threads = _library.MKL_Get_Max_Threads()
         _result = f"mkl {version} ({path.name})"
         log.debug("fast BLAS: loaded %s from %s", _result, path)
         return _result
@@ -78,18 +80,22 @@ def enable_fast_blas() -> str | None:
 
 
 @contextlib.contextmanager
-def cores_shared_by(streams: int):
-    """Within the block, each call into the fast BLAS uses 1/streams of its threads: for streams that run at once.
-
-    MKL runs a thread per core (or MKL_NUM_THREADS); with that in each, two streams on two cores would run
-    four threads, each waiting on the others. No change without MKL or with one stream.
-    """
-    if _library is None or streams <= 1:
+def blas_threads(threads: int | None):
+    """Within the block, each call into the fast BLAS uses `threads` threads (None: MKL's own count); no change without MKL."""
+    if _library is None:
         yield
         return
     before = _library.MKL_Get_Max_Threads()
-    _library.MKL_Set_Num_Threads(max(1, before // streams))
+    _library.MKL_Set_Num_Threads(max(1, threads or _default_threads))
     try:
         yield
     finally:
         _library.MKL_Set_Num_Threads(before)
+
+
+def cores_shared_by(streams: int) -> contextlib.AbstractContextManager:
+    """blas_threads for `streams` streams that call the fast BLAS at once: each call gets its share of the threads.
+
+    With MKL's own count in each, two streams on two cores would run four threads, each waiting on the others.
+    """
+    return blas_threads(max(1, _default_threads // streams))

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from .adapter import save_adapter
+from .blas import blas_threads
 from .checkpoints import CHECKPOINTS, checkpoint_folder, save_checkpoint
 from .config import TrainConfig
 from .data import Example
@@ -215,10 +216,11 @@ class Bookkeeper:
     def evaluate(self, step: int, split: str, examples: Sequence[Example]) -> dict:
         """Loss and perplexity on a split (exact match too on test, where test_metrics_fn is given)."""
         release_cached_memory()  # the training step's buffers are not needed while evaluating, nor eval's after
-        metrics = evaluate_loss(self.reft.model, examples, self.cfg.batch_size, reft=self.reft, pad_id=self.pad_id,
-                                max_batches=self.cfg.max_eval_batches if split == "valid" else 0, group=self.group)
-        if split == "test" and self.test_metrics_fn is not None:
-            metrics.update(self.test_metrics_fn(examples))
+        with blas_threads(None):  # all of them: a CPU training loop shares them between its streams
+            metrics = evaluate_loss(self.reft.model, examples, self.cfg.batch_size, reft=self.reft, pad_id=self.pad_id,
+                                    max_batches=self.cfg.max_eval_batches if split == "valid" else 0, group=self.group)
+            if split == "test" and self.test_metrics_fn is not None:
+                metrics.update(self.test_metrics_fn(examples))
         release_cached_memory()
         row = {"kind": "eval", "split": split, "step": step, **metrics}
         self.history.append(row)

@@ -311,23 +311,33 @@ def test_rows_split_over_cpu_streams_train_as_one_batch(tiny_model_dir, tmp_path
         assert np.allclose(np.array(one[k]), np.array(split[k]), atol=1e-5), k
 
 
-def test_cpu_streams_share_the_cores_in_blas_calls_during_training(tiny_model_dir, examples, tmp_path):
+def test_cpu_streams_share_blas_threads_in_training_steps_and_evaluations_get_them_all(tiny_model_dir, examples,
+                                                                                         tmp_path, monkeypatch):
     import loreft.blas as blas
+    import loreft.bookkeeper as bookkeeper
 
     if blas._library is None:
         pytest.skip("no fast BLAS loaded: nothing to share")
-    seen = []
+    threads = lambda: blas._library.MKL_Get_Max_Threads()  # noqa: E731
+    seen, during_eval = [], []
 
     class ThreadsDuringTraining(Callback):
         def on_report(self, m):
-            seen.append(blas._library.MKL_Get_Max_Threads())
+            seen.append(threads())
 
+    def evaluate_loss(*args, **kw):
+        during_eval.append(threads())
+        return real_evaluate_loss(*args, **kw)
+
+    real_evaluate_loss = bookkeeper.evaluate_loss
+    monkeypatch.setattr(bookkeeper, "evaluate_loss", evaluate_loss)
     ex, pad = examples
-    before = blas._library.MKL_Get_Max_Threads()
-    train(fresh(tiny_model_dir), ex, None, cfg(epochs=1), tmp_path / "a", pad_id=pad, callbacks=[ThreadsDuringTraining()],
-          options=LoopOptions(cpu_streams=2))
+    before = threads()
+    train(fresh(tiny_model_dir), ex, ex[:4], cfg(epochs=1, steps_per_eval=2), tmp_path / "a", pad_id=pad,
+          callbacks=[ThreadsDuringTraining()], options=LoopOptions(cpu_streams=2))
     assert seen and set(seen) == {max(1, before // 2)}
-    assert blas._library.MKL_Get_Max_Threads() == before
+    assert during_eval and set(during_eval) == {before}
+    assert threads() == before
 
 
 @pytest.mark.parametrize("cuda", [True, False])
