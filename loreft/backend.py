@@ -53,6 +53,14 @@ def setup() -> dict:
     return _applied
 
 
+def cpu_streams_interleave() -> bool:
+    """Whether MLX's graph order lets the work of several CPU streams run at once (setup() or the user unbounded it)."""
+    try:
+        return int(os.environ.get("MLX_BFS_MAX_WIDTH") or 20) >= int(CPU_GRAPH_WIDTH)
+    except ValueError:
+        return False
+
+
 def interleave_cpu_streams(mx) -> bool:
     """Unbound MLX's breadth-first graph order (read when MLX first evaluates) on a CPU; True if this set it."""
     if os.environ.get("MLX_BFS_MAX_WIDTH") or mx.default_device() != mx.cpu:

@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .backend import cpu_streams_interleave
 from .blas import cores_shared_by
 from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory, training_cache_limit
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -191,9 +192,12 @@ def row_shards(options: LoopOptions, world_size: int = 1) -> int:
 
     MLX runs a CPU stream's operations one at a time, most of them on one thread (only matmuls use more), so
     one stream leaves all but one core idle for much of a step; a GPU runs one stream's kernels across the chip.
-    Several processes on CPUs already keep several cores busy: one part each.
+    Several processes on CPUs already keep several cores busy: one part each. Without backend.setup()'s graph
+    order the streams would run one after the other, at half the BLAS threads: one part then too.
     """
-    return max(1, options.cpu_streams) if mx.default_device() == mx.cpu and world_size == 1 else 1
+    if mx.default_device() != mx.cpu or world_size > 1 or not cpu_streams_interleave():
+        return 1
+    return max(1, options.cpu_streams)
 
 
 def staged(stream: Iterator[tuple[int, Batch]], reft: Reft, stage_steps: int, shards: int = 1) -> Iterator[tuple[int, tuple]]:

@@ -311,6 +311,16 @@ def test_rows_split_over_cpu_streams_train_as_one_batch(tiny_model_dir, tmp_path
         assert np.allclose(np.array(one[k]), np.array(split[k]), atol=1e-5), k
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="rows are split over streams on a CPU only")
+def test_rows_stay_on_one_stream_where_mlx_would_run_the_streams_one_after_the_other(monkeypatch):
+    assert trainer_module.row_shards(LoopOptions()) == 2  # the test session ran backend.setup()
+    assert trainer_module.row_shards(LoopOptions(), world_size=2) == 1
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "20")  # MLX's own width: one stream's chain, then the other's
+    assert trainer_module.row_shards(LoopOptions()) == 1
+    monkeypatch.delenv("MLX_BFS_MAX_WIDTH")  # no setup() at all
+    assert trainer_module.row_shards(LoopOptions()) == 1
+
+
 def test_cpu_streams_share_blas_threads_in_training_steps_and_evaluations_get_them_all(tiny_model_dir, examples,
                                                                                          tmp_path, monkeypatch):
     import loreft.blas as blas
