@@ -52,10 +52,9 @@ def main() -> None:
     import mlx.core as mx
     import numpy as np
 
-    from bench.shapes import SHAPES, build_model
+    from bench.shapes import SHAPES, build_model, every_token_inputs
     from loreft import ReftConfig, TrainConfig, attach
     from loreft.data import Batch
-    from bench.shapes import every_token_inputs
     from loreft.blas import cores_shared_by
     from loreft.loss import batch_arrays
     from loreft.trainer import LoopOptions, make_optimizer, make_step, row_shards, staged
