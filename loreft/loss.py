@@ -29,15 +29,31 @@ def _picked(x: mx.array, targets: mx.array) -> mx.array:
     return mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
 
 
+def _one_hot(x: mx.array, targets: mx.array) -> mx.array:
+    return mx.arange(x.shape[-1]) == targets[..., None]
+
+
 def _logit_grad(x: mx.array, lse: mx.array, targets: mx.array) -> mx.array:
     """softmax(x) - one_hot(targets): each row's cross-entropy gradient in its logits, as one elementwise pass."""
-    return mx.exp(x - lse[..., None]) - (mx.arange(x.shape[-1]) == targets[..., None])
+    return mx.exp(x - lse[..., None]) - _one_hot(x, targets)
+
+
+def _vectorized_cpu() -> bool:
+    """Whether exp runs faster in this process's fused kernels than in MLX's own CPU ops (cpu_kernels)."""
+    return cpu_kernels.active() and mx.default_device() == mx.cpu
+
+
+def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Each row's logsumexp, exp(x - the row's max) and that exp's row sums: one exp pass over x."""
+    top = x.max(axis=-1, keepdims=True)
+    e = mx.exp(x - top)
+    total = e.sum(axis=-1, keepdims=True)
+    return (mx.log(total) + top).squeeze(-1), e, total
 
 
 @mx.compile
 def _fused_logsumexp(x: mx.array) -> mx.array:
-    top = x.max(axis=-1, keepdims=True)
-    return (mx.log(mx.exp(x - top).sum(axis=-1, keepdims=True)) + top).squeeze(-1)
+    return _exp_parts(x)[0]
 
 
 def _logsumexp(x: mx.array) -> mx.array:
@@ -45,24 +61,20 @@ def _logsumexp(x: mx.array) -> mx.array:
     # MLX's CPU logsumexp evaluates exp with scalar code; exp(x - max) as a compiled elementwise op runs in a
     # kernel g++ vectorizes (cpu_kernels): several times faster on a (tokens, vocab) array. Compiled here so
     # the evaluation loss (not in a compiled step) gets the fused kernel too.
-    if cpu_kernels.active() and mx.default_device() == mx.cpu:
-        return _fused_logsumexp(x)
-    return mx.logsumexp(x, axis=-1)
+    return _fused_logsumexp(x) if _vectorized_cpu() else mx.logsumexp(x, axis=-1)
 
 
 @mx.compile
 def _fused_logsumexp_and_grad(x: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-    top = x.max(axis=-1, keepdims=True)
-    e = mx.exp(x - top)
-    total = e.sum(axis=-1, keepdims=True)
-    return (mx.log(total) + top).squeeze(-1), e / total - (mx.arange(x.shape[-1]) == targets[..., None])
+    lse, e, total = _exp_parts(x)
+    return lse, e / total - _one_hot(x, targets)
 
 
 def _logsumexp_and_grad(x: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
     """(each row's logsumexp, softmax(x) - one_hot(targets)); on a CPU with vectorized fused kernels, one exp pass for both."""
     # a fused CPU kernel with a per-row operand (the row's max) runs scalar code: exp is most of the loss's
     # time there, so the gradient reuses the logsumexp's exponentials instead of computing them again
-    if cpu_kernels.active() and mx.default_device() == mx.cpu:
+    if _vectorized_cpu():
         return _fused_logsumexp_and_grad(x, targets)
     lse = mx.logsumexp(x, axis=-1)
     return lse, _logit_grad(x, lse, targets)
