@@ -227,7 +227,8 @@ def lora_cmd(model: Path, data: Path, adapter: Path, a, extra: list[str] = ()) -
 def loreft_worker(policy: str, args: list[str]) -> int:
     """`loreft train` in this process, with a policy: default (the library's), or '+'-joined changes to it:
     limit=<GB> or limit=none (loreft.bookkeeper.TRAINING_CACHE_LIMIT, MLX's cache of freed buffers while training;
-    none: MLX's own limit), head-chunk=<logits> (loreft.loss.HEAD_CHUNK_ELEMENTS), plain-head (the
+    none: MLX's own limit), sync or trim (after each release of MLX's cache, synchronize, or trim the CUDA
+    pool too; both print the pool's bytes), head-chunk=<logits> (loreft.loss.HEAD_CHUNK_ELEMENTS), plain-head (the
     LM head's loss as token_cross_entropy of the full head output, keeping its logits for the backward pass)."""
     import loreft.backend
 
@@ -251,9 +252,34 @@ def loreft_worker(policy: str, args: list[str]) -> int:
             loreft.loss.HEAD_CHUNK_ELEMENTS = int(float(value))
         elif name == "plain-head":
             loreft.loss.head_cross_entropy = lambda head, h, t: loreft.loss.token_cross_entropy(head(h), t)
+        elif name in ("sync", "trim"):  # after each release of MLX's cache: synchronize, or trim the CUDA pool
+            _release_then(name)
         elif name != "default":
             raise SystemExit(f"bench/cold_start.py: unknown policy {change!r}")
     return main(args)
+
+
+def _release_then(action: str) -> None:
+    """Make loreft's release of MLX's cache also synchronize (sync) or trim the CUDA pool (trim), printing the pool's
+    reserved and used bytes before and after each release (what nvidia-smi counts is the pool's reserve)."""
+    import mlx.core as mx
+
+    import loreft.bookkeeper
+    import loreft.cuda
+    import loreft.trainer
+
+    plain = loreft.bookkeeper.release_cached_memory
+
+    def release():
+        before = loreft.cuda.pool_memory()
+        plain()
+        mx.synchronize()
+        if action == "trim":
+            loreft.cuda.trim_memory_pool()
+        print(f"[{action}] pool before {before}, after {loreft.cuda.pool_memory()}, MLX active {mx.get_active_memory()}, "
+              f"cache {mx.get_cache_memory()}", file=sys.stderr, flush=True)
+
+    loreft.bookkeeper.release_cached_memory = loreft.trainer.release_cached_memory = release
 
 
 def lora_worker(args: list[str]) -> int:

@@ -20,13 +20,22 @@ PAD_TO = 32  # round batch lengths up so the compiled step sees few distinct sha
 @mx.custom_function
 def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Next-token cross-entropy per position, in float32 from logits of any dtype (nn.losses.cross_entropy's value)."""
-    x = logits.astype(mx.float32)
-    return _logsumexp(x) - _picked(x, targets)
+    return _logsumexp(logits.astype(mx.float32)) - _picked(logits, targets)
 
 
-def _picked(x: mx.array, targets: mx.array) -> mx.array:
-    """Each row's logit of its target."""
-    return mx.take_along_axis(x, targets[..., None], axis=-1).squeeze(-1)
+FLAT_INDEX_LIMIT = 2**31  # int32 flat indices into logits this large would overflow: take_along_axis there
+
+
+def _picked(logits: mx.array, targets: mx.array) -> mx.array:
+    """Each row's logit of its target, in float32 (no gradient: the losses below give their own)."""
+    width, rows = logits.shape[-1], targets.size
+    if rows * width >= FLAT_INDEX_LIMIT:
+        return mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1).astype(mx.float32)
+    # a gather by flat index: on CUDA the kernel the embedding lookup compiled already (a gather of this dtype by
+    # int32), where take_along_axis is one more to compile on a cold start. The row offsets are a host constant:
+    # computed in the step they would be one more fused kernel
+    flat = targets.reshape(-1) + mx.array(np.arange(rows, dtype=np.int32) * width)
+    return mx.take(logits.reshape(-1), flat).reshape(targets.shape).astype(mx.float32)
 
 
 def _one_hot(x: mx.array, targets: mx.array) -> mx.array:
@@ -86,7 +95,7 @@ def _token_cross_entropy_vjp(primals, cotangent, output):
     # vjp keeps float32 logits alive and adds a scattered one-hot, several passes over a (tokens, vocab) array
     logits, targets = primals
     x = logits.astype(mx.float32)
-    grad = _logit_grad(x, output + _picked(x, targets), targets) * cotangent[..., None]
+    grad = _logit_grad(x, output + _picked(logits, targets), targets) * cotangent[..., None]
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
@@ -125,7 +134,7 @@ def head_cross_entropy(head: Callable, hidden: mx.array, targets: mx.array) -> m
             lse, logit_grad = _logsumexp_and_grad(x, t_part)
             grads.append(mx.vjp(head, [h_part], [logit_grad.astype(logits.dtype)])[1][0])
             # the loss waits for the gradient: both are done with a chunk's logits before the next chunk starts
-            losses.append(mx.depends(lse - _picked(x, t_part), grads[-1]))
+            losses.append(mx.depends(lse - _picked(logits, t_part), grads[-1]))
         return mx.concatenate(losses), mx.concatenate(grads)
 
     @loss_and_input_grad.vjp
@@ -162,9 +171,8 @@ def completion_loss(
     if supervised is None:  # (nearly) every token supervised: every row through the head
         ce = head_loss(lm_head, hidden, targets.reshape(-1)) * mask.reshape(-1)
         return ce.sum(), mask.sum()
-    # slices, not integer indexing (a gather kernel): on CUDA every distinct kernel is compiled on first use
-    positions, picked_targets = supervised[:1].reshape(-1), supervised[1:].reshape(-1)
-    hidden = mx.take(hidden, positions, axis=0)  # (n_supervised, d)
+    positions, picked_targets, inverse = unpack_supervised(supervised, hidden.shape[0])
+    hidden = _take_rows(hidden, positions, inverse)  # (n_supervised, d)
     count = mask.sum()
     weights = mx.arange(positions.shape[0]) < count  # the supervised targets come first, then padding
     ce = head_loss(lm_head, hidden, picked_targets)
@@ -212,12 +220,14 @@ def _softcapped(head, cap: float):
 
 
 def supervised_positions(mask: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
-    """(2, n) int32: the flat indices of a (B, T) loss mask's supervised targets, and the target tokens there.
+    """The supervised targets of a (B, T) loss mask, as one int32 array: [positions, targets, inverse].
 
-    The supervised ones come first, then padding with an unsupervised index (target 0, never counted) up to
-    one of a few sizes (1/64 .. 6/8 of B*T), so the compiled step sees few shapes; None when more than 3/4
-    are supervised (the full logits then cost about the same). The targets are picked here, on the host,
-    so the step needs no gather kernel for them.
+    positions (n): the flat indices of the supervised targets, first, then padding with an unsupervised index
+    (target 0, never counted) up to one of a few sizes n (1/64 .. 6/8 of B*T), so the compiled step sees few
+    shapes; targets (n): the target tokens there, picked on the host so the step needs no gather kernel for
+    them; inverse (B*T): for each flat index, its slot in positions, or n where it is not supervised (the
+    backward pass gathers the rows' gradients back with it). None when more than 3/4 are supervised (the full
+    logits then cost about the same). unpack_supervised takes it apart.
     """
     flat = mask.reshape(-1)
     hits = np.flatnonzero(flat)
@@ -227,7 +237,30 @@ def supervised_positions(mask: np.ndarray, targets: np.ndarray) -> np.ndarray | 
         return None
     positions = np.concatenate([hits, np.full(size - len(hits), np.flatnonzero(flat == 0)[0])])
     picked = np.where(np.arange(size) < len(hits), targets.reshape(-1)[positions], 0)
-    return np.stack([positions, picked]).astype(np.int32)
+    inverse = np.full(flat.size, size)
+    inverse[hits] = np.arange(len(hits))
+    return np.concatenate([positions, picked, inverse]).astype(np.int32)
+
+
+def unpack_supervised(supervised: mx.array | np.ndarray, size: int) -> tuple:
+    """(positions, targets, inverse) of supervised_positions' array for a mask of `size` targets (slices, no gathers)."""
+    n = (supervised.shape[0] - size) // 2
+    return supervised[:n], supervised[n:2 * n], supervised[2 * n:]
+
+
+@mx.custom_function
+def _take_rows(hidden: mx.array, positions: mx.array, inverse: mx.array) -> mx.array:
+    """hidden[positions] for (N, d) hidden states, whose gradient is a gather too (inverse: supervised_positions')."""
+    return mx.take(hidden, positions, axis=0)
+
+
+@_take_rows.vjp
+def _take_rows_vjp(primals, cotangent, output):
+    # the supervised positions are distinct, so each row's gradient is one picked row's, or zero (the row after
+    # the last): a gather, the kernel the forward uses (on CUDA, a scatter-add would be one more to compile)
+    hidden, positions, inverse = primals
+    padded = mx.concatenate([cotangent, mx.zeros((1, cotangent.shape[1]), cotangent.dtype)])
+    return mx.take(padded, inverse, axis=0), mx.zeros_like(positions), mx.zeros_like(inverse)
 
 
 def batch_arrays(reft: Reft, batch: Batch) -> tuple[mx.array, mx.array, list[mx.array], mx.array | None, mx.array]:

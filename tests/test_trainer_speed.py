@@ -19,7 +19,7 @@ from loreft import ReftConfig, TrainConfig, attach
 from loreft.demo import build_tiny_model
 from loreft.interventions import batched_rotations, orthonormalize
 import loreft.loss
-from loreft.loss import completion_loss, head_cross_entropy, split_at_head, supervised_positions, token_cross_entropy
+from loreft.loss import completion_loss, head_cross_entropy, split_at_head, supervised_positions, token_cross_entropy, unpack_supervised
 from loreft.trainer import make_step
 
 REFT = ReftConfig(layers="all", rank=3, positions="f2+l2", seed=1)
@@ -62,13 +62,15 @@ def test_logits_at_supervised_positions_give_the_same_loss_and_gradients(model_d
     seen = []
     counted = (body, lambda h: (seen.append(h.shape[0]), lm_head(h))[1])
     supervised = supervised_positions(mask, np.array(tokens)[:, 1:])
-    assert supervised is not None and supervised.shape[1] < mask.size
+    assert supervised is not None
+    n = len(unpack_supervised(supervised, mask.size)[0])
+    assert n < mask.size
     reft.set_locations(reft.locations(prompt))
     m = mx.array(mask)
     full = completion_loss(model, tokens, m)
     sparse = completion_loss(model, tokens, m, mx.array(supervised), counted)
     # head_cross_entropy also calls the head on one row for its width (never evaluated) and again for its vjp
-    assert supervised.shape[1] in seen and set(seen) <= {1, supervised.shape[1]}, "the LM head must run on the picked positions only"
+    assert n in seen and set(seen) <= {1, n}, "the LM head must run on the picked positions only"
     assert sparse[0].item() == pytest.approx(full[0].item(), rel=1e-6)
     assert sparse[1].item() == full[1].item() == mask.sum()
     g_full = grads_of(model, lambda mdl: completion_loss(mdl, tokens, m)[0])
@@ -95,20 +97,26 @@ def test_supervised_positions_cover_every_target_once():
         if supervised is None:
             assert mask.mean() > 0.6  # only when bucketing up passes 3/4 of the grid
             continue
-        positions, picked = supervised
+        positions, picked, inverse = unpack_supervised(supervised, mask.size)
         flat, n = mask.reshape(-1), int(mask.sum())
         assert positions[:n].tolist() == np.flatnonzero(flat).tolist()  # each supervised target once, first
         assert (flat[positions[n:]] == 0).all()  # then padding that is never supervised
         assert picked[:n].tolist() == targets.reshape(-1)[positions[:n]].tolist()  # the targets there
-        assert supervised.shape[1] <= 3 * flat.size // 4
-        assert supervised.shape[1] in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
+        assert len(positions) == len(picked) <= 3 * flat.size // 4
+        assert len(positions) in {flat.size // 64, flat.size // 32, flat.size // 16, *[flat.size * k // 8 for k in range(1, 7)]}
+        # inverse: each flat target's slot (positions[slot] == index), the slot after the last where unsupervised
+        assert len(inverse) == flat.size
+        for index in range(flat.size):
+            assert positions[inverse[index]] == index if flat[index] else inverse[index] == len(positions)
     ones = np.ones((2, 9), np.int32)
     assert supervised_positions(np.ones((2, 9), np.float32), ones) is None
     assert supervised_positions(np.concatenate([np.ones((2, 8)), np.zeros((2, 1))], 1).astype(np.float32), ones) is None
 
 
+@pytest.mark.parametrize("flat_index_limit", [2**31, 1])  # the target logits by flat index, and take_along_axis
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_token_cross_entropy_matches_float64(dtype):
+def test_token_cross_entropy_matches_float64(dtype, flat_index_limit, monkeypatch):
+    monkeypatch.setattr(loreft.loss, "FLAT_INDEX_LIMIT", flat_index_limit)
     rng = np.random.default_rng(1)
     logits = mx.array((rng.standard_normal((2, 5, 37)) * 4).astype(np.float32)).astype(dtype)
     targets = mx.array(rng.integers(0, 37, (2, 5)).astype(np.int32))
@@ -262,7 +270,8 @@ def test_compiled_step_makes_the_plain_update(tiny_model_dir):
 
 
 def test_the_step_indexes_nothing_by_integer(tiny_model_dir, tmp_path):
-    """The step's only gathers are the embedding lookup and the pick of supervised rows (and their gradient).
+    """The step's only gathers are the embedding lookup, the pick of supervised rows and of their target logits,
+    and the rows' gradient, all the same kernel on CUDA.
 
     On CUDA each distinct gather/scatter kernel is compiled on first use, and every integer index (x[i]) is
     a gather: counts, keys, rotations and targets must travel as slices or host arrays, whatever the number
@@ -285,9 +294,10 @@ def test_the_step_indexes_nothing_by_integer(tiny_model_dir, tmp_path):
     mx.export_to_dot(str(graph), loss, *[v for _, v in tree_flatten(model.trainable_parameters())])
     ops = __import__("re").findall(r'label ="(\w+)', graph.read_text())
     assert ops.count("Matmul") > 20  # a whole step was traced
-    assert ops.count("Gather") == 2, ops.count("Gather")  # embedding lookup, supervised rows
-    assert ops.count("Scatter") == 1  # the supervised rows' gradient (the embedding is frozen)
-    assert ops.count("GatherAxis") <= 2  # the cross-entropy's target logit and its gradient
+    # embedding lookup, supervised rows, their target logits, the rows' gradient: all gathers by int32 of the
+    # model's dtype, one CUDA kernel module; no scatter (the embedding is frozen) and no take_along_axis
+    assert ops.count("Gather") == 4, ops.count("Gather")
+    assert ops.count("Scatter") == ops.count("GatherAxis") == ops.count("ScatterAxis") == 0
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
