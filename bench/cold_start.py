@@ -259,24 +259,74 @@ def loreft_worker(policy: str, args: list[str]) -> int:
     return main(args)
 
 
+# MLX frees GPU buffers into the CUDA driver's default memory pool (cudaFreeAsync), which keeps them reserved for
+# the process until a synchronize finds more than its release threshold held; what stays reserved is what
+# nvidia-smi shows. MLX has no call to hand the pool's free memory back; the driver API does (cuMemPoolTrimTo).
+_POOL_RESERVED, _POOL_USED = 5, 7  # CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_CURRENT
+
+
+def _default_pool():
+    """(the CUDA driver library, device 0's default memory pool handle), or None where there is no CUDA driver."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, pool = ctypes.c_int(), ctypes.c_void_p()
+    if driver.cuDeviceGet(ctypes.byref(device), 0) or driver.cuDeviceGetDefaultMemPool(ctypes.byref(pool), device):
+        return None
+    return driver, pool
+
+
+def pool_memory() -> dict | None:
+    """Bytes the default CUDA memory pool of device 0 holds reserved and in use; None without CUDA."""
+    import ctypes
+
+    found = _default_pool()
+    if found is None:
+        return None
+    driver, pool = found
+    values = {}
+    for name, attr in (("reserved", _POOL_RESERVED), ("used", _POOL_USED)):
+        v = ctypes.c_uint64()
+        if driver.cuMemPoolGetAttribute(pool, attr, ctypes.byref(v)):
+            return None
+        values[name] = v.value
+    return values
+
+
+def trim_memory_pool() -> bool:
+    """Hand the default CUDA pool's unused memory back to the driver (after MLX's cache is cleared); True if done."""
+    import ctypes
+
+    import mlx.core as mx
+
+    found = _default_pool()
+    if found is None:
+        return False
+    driver, pool = found
+    mx.synchronize()  # frees MLX queued on its streams complete first
+    return driver.cuMemPoolTrimTo(pool, ctypes.c_size_t(0)) == 0
+
+
 def _release_then(action: str) -> None:
     """Make loreft's release of MLX's cache also synchronize (sync) or trim the CUDA pool (trim), printing the pool's
     reserved and used bytes before and after each release (what nvidia-smi counts is the pool's reserve)."""
     import mlx.core as mx
 
     import loreft.bookkeeper
-    import loreft.cuda
     import loreft.trainer
 
     plain = loreft.bookkeeper.release_cached_memory
 
     def release():
-        before = loreft.cuda.pool_memory()
+        before = pool_memory()
         plain()
         mx.synchronize()
         if action == "trim":
-            loreft.cuda.trim_memory_pool()
-        print(f"[{action}] pool before {before}, after {loreft.cuda.pool_memory()}, MLX active {mx.get_active_memory()}, "
+            trim_memory_pool()
+        print(f"[{action}] pool before {before}, after {pool_memory()}, MLX active {mx.get_active_memory()}, "
               f"cache {mx.get_cache_memory()}", file=sys.stderr, flush=True)
 
     loreft.bookkeeper.release_cached_memory = loreft.trainer.release_cached_memory = release

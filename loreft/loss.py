@@ -32,10 +32,11 @@ def _picked(logits: mx.array, targets: mx.array) -> mx.array:
     if rows * width >= FLAT_INDEX_LIMIT:
         return mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1).astype(mx.float32)
     # a gather by flat index: on CUDA the kernel the embedding lookup compiled already (a gather of this dtype by
-    # int32), where take_along_axis is one more to compile on a cold start. The row offsets are a host constant:
-    # computed in the step they would be one more fused kernel
+    # int32), where take_along_axis is one more to compile on a cold start. The row offsets are a host constant,
+    # and the cast is kept apart from what the caller does next (mx.contiguous: no fusion across it); either
+    # would otherwise be one more fused kernel
     flat = targets.reshape(-1) + mx.array(np.arange(rows, dtype=np.int32) * width)
-    return mx.take(logits.reshape(-1), flat).reshape(targets.shape).astype(mx.float32)
+    return mx.contiguous(mx.take(logits.reshape(-1), flat).reshape(targets.shape).astype(mx.float32))
 
 
 def _one_hot(x: mx.array, targets: mx.array) -> mx.array:
