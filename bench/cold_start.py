@@ -13,6 +13,7 @@ number of kernels in each job's MLX kernel folder (a cold job starts with an emp
     python bench/cold_start.py --plan memory --out memory.json        # loreft's buffer-cache policies, and LoRA
     python bench/cold_start.py --plan checkpoint --out ckpt.json      # 2k and 4k tokens, recompute on and off
     python bench/cold_start.py --plan decode --out decode.json        # decode: adapter, base, mlx-lm's generate
+    python bench/cold_start.py --plan ab --other ../old --out ab.json  # this checkout's jobs against another's, in turn
 
 Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty. mlx-lm runs as
 its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it,
@@ -391,6 +392,27 @@ def plan_cold(a, model: Path, data: Path, work: Path, logs: Path, phases=("cold"
     return rows
 
 
+def plan_ab(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
+    """`loreft train` of this checkout, then of another (a.other) and this one in turn (a.rounds each), all on one
+    kernel folder, emptied first: the first job is a cold start, the rest compare the two versions' steady speed."""
+    cache_home = work / "cache-home-ab"
+    shutil.rmtree(cache_home, ignore_errors=True)
+    import mlx.core as mx
+
+    kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
+    env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None}
+    other = str(Path(a.other).resolve() / "bench" / "cold_start.py")
+    rows = []
+    for i, which in enumerate(["this"] + ["other", "this"] * a.rounds):
+        ad = work / f"adapter-ab-{i}-{which}"
+        cmd = loreft_cmd(model, data, ad, a)
+        if which == "other":
+            cmd[1] = other  # that checkout's worker, which puts that checkout's loreft first on its path
+        row = run_job(f"ab-{i}-{which}", cmd, env, kernels, logs)
+        rows.append({**row, "version": which, **loreft_results(ad)})
+    return rows
+
+
 def plan_memory(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     """loreft under each buffer-cache policy (warm kernels), then mlx-lm LoRA, same job."""
     rows = []
@@ -469,7 +491,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--lora-worker":
         return lora_worker(sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--plan", choices=["cold", "speed", "memory", "checkpoint", "decode"], required=True)
+    p.add_argument("--plan", choices=["cold", "speed", "memory", "checkpoint", "decode", "ab"], required=True)
     p.add_argument("--work", default="/tmp/loreft-cold-start", help="models, data, adapters and kernel folders")
     p.add_argument("--shape", default="qwen2-0.5b")
     p.add_argument("--dtype", default="bfloat16")
@@ -483,10 +505,14 @@ def main() -> int:
                    "head-chunk=<logits>, plain-head)")
     p.add_argument("--lengths", default="2048,4096", help="checkpoint plan: row lengths")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="checkpoint plan: batch = this / length")
+    p.add_argument("--other", help="ab plan: another checkout of this repository (its bench/ and loreft/)")
+    p.add_argument("--rounds", type=int, default=2, help="ab plan: jobs of each version after the first")
     p.add_argument("--adapter", help="decode plan: adapter folder (default: the cold plan's warm loreft adapter)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.plan == "ab" and not (a.other and (Path(a.other) / "bench" / "cold_start.py").is_file()):
+        p.error("--plan ab needs --other <a checkout of this repository> (with bench/cold_start.py)")
     work = Path(a.work)
     PARTIAL.append(Path(a.out + ".partial.jsonl"))
     logs = work / "logs"
@@ -506,6 +532,8 @@ def main() -> int:
         result["rows"] = plan_cold(a, model, data, work, logs, ("cold", "warm") if a.plan == "cold" else ("speed",))
     elif a.plan == "memory":
         result["rows"] = plan_memory(a, model, data, work, logs)
+    elif a.plan == "ab":
+        result["rows"] = plan_ab(a, model, data, work, logs)
     elif a.plan == "checkpoint":
         result["rows"] = plan_checkpoint(a, work, logs)
     else:
