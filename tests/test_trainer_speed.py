@@ -113,6 +113,31 @@ def test_supervised_positions_cover_every_target_once():
     assert supervised_positions(np.concatenate([np.ones((2, 8)), np.zeros((2, 1))], 1).astype(np.float32), ones) is None
 
 
+def test_supervised_rows_gradient_is_the_scatter_it_replaces():
+    """The picked rows' gradient, a gather through the inverse index, equals MLX's own gradient of take (a
+    scatter-add) wherever the loss weights the rows, and is zero at unsupervised rows, padding's included."""
+    from loreft.loss import _take_rows
+
+    rng = np.random.default_rng(5)
+    mask = (rng.random((3, 21)) < 0.3).astype(np.float32)
+    supervised = supervised_positions(mask, rng.integers(1, 50, mask.shape))
+    positions, _, inverse = (mx.array(a) for a in unpack_supervised(supervised, mask.size))
+    n = int(mask.sum())
+    hidden = mx.array(rng.standard_normal((mask.size, 6)).astype(np.float32))
+    weights = mx.array((np.arange(positions.shape[0]) < n).astype(np.float32))[:, None]  # padding slots weigh 0
+    cot = mx.array(rng.standard_normal((positions.shape[0], 6)).astype(np.float32))
+
+    def loss(take):
+        return lambda h: (take(h) * cot * weights).sum()
+
+    ours = mx.grad(loss(lambda h: _take_rows(h, positions, inverse)))(hidden)
+    plain = mx.grad(loss(lambda h: mx.take(h, positions, axis=0)))(hidden)
+    np.testing.assert_array_equal(np.array(ours), np.array(plain))
+    assert np.array_equal(np.array(_take_rows(hidden, positions, inverse)), np.array(hidden)[np.array(positions)])
+    unsupervised = np.flatnonzero(mask.reshape(-1) == 0)
+    assert (np.array(ours)[unsupervised] == 0).all() and np.abs(np.array(ours)[np.flatnonzero(mask)]).min() > 0
+
+
 @pytest.mark.parametrize("flat_index_limit", [2**31, 1])  # the target logits by flat index, and take_along_axis
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_token_cross_entropy_matches_float64(dtype, flat_index_limit, monkeypatch):
