@@ -51,4 +51,3 @@ def default_kernel_cache() -> str | None:
     path = str(kernel_cache_dir())
     os.environ[KERNEL_CACHE_ENV] = path
     return path
-

@@ -258,7 +258,8 @@ def _take_rows(hidden: mx.array, positions: mx.array, inverse: mx.array) -> mx.a
 @_take_rows.vjp
 def _take_rows_vjp(primals, cotangent, output):
     # the supervised positions are distinct, so each row's gradient is one picked row's, or zero (the row after
-    # the last): a gather, the kernel the forward uses (on CUDA, a scatter-add would be one more to compile)
+    # the last): a gather, the kernel the forward uses (on CUDA, a scatter-add would be one more to compile).
+    # Padding slots repeat an unsupervised index and get nothing back: completion_loss weighs them zero
     hidden, positions, inverse = primals
     padded = mx.concatenate([cotangent, mx.zeros((1, cotangent.shape[1]), cotangent.dtype)])
     return mx.take(padded, inverse, axis=0), mx.zeros_like(positions), mx.zeros_like(inverse)
