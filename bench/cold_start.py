@@ -394,7 +394,8 @@ def plan_cold(a, model: Path, data: Path, work: Path, logs: Path, phases=("cold"
 
 def plan_ab(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     """`loreft train` of this checkout, then of another (a.other) and this one in turn (a.rounds each), all on one
-    kernel folder, emptied first: the first job is a cold start, the rest compare the two versions' steady speed."""
+    kernel folder, emptied first: the first job is a cold start, the rest compare the two versions' steady speed;
+    then `mlx_lm lora` from an empty kernel folder of its own (the cold start to compare the first job with)."""
     cache_home = work / "cache-home-ab"
     shutil.rmtree(cache_home, ignore_errors=True)
     import mlx.core as mx
@@ -410,6 +411,11 @@ def plan_ab(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
             cmd[1] = other  # that checkout's worker, which puts that checkout's loreft first on its path
         row = run_job(f"ab-{i}-{which}", cmd, env, kernels, logs)
         rows.append({**row, "version": which, **loreft_results(ad)})
+    lora_kernels = work / "kernels-lora-ab"  # then LoRA from an empty folder: the cold start on the same machine
+    shutil.rmtree(lora_kernels, ignore_errors=True)
+    ad = work / "adapter-ab-lora"
+    row = run_job("ab-lora-cold", lora_cmd(model, data, ad, a), {"MLX_PTX_CACHE_DIR": str(lora_kernels)}, lora_kernels, logs)
+    rows.append({**row, "version": "lora", **lora_results(ad, a.batch, a.seq)})
     return rows
 
 
