@@ -87,11 +87,12 @@ def every_token_inputs(reft, tokens, shards: int) -> list[tuple]:
     """A training step's inputs with every next-token target supervised and the edit's prompt the whole row.
 
     Not a prompt/completion Batch (whose first target is never supervised); the rows split into `shards`
-    parts as loreft.trainer.staged splits a Batch's.
+    parts as loreft.trainer.staged splits a Batch's (loreft.data.row_groups).
     """
     import mlx.core as mx
-    import numpy as np
 
-    B, T = tokens.shape[0], tokens.shape[1] - 1
+    from loreft.data import row_groups
+
+    T = tokens.shape[1] - 1
     return [(mx.array(tokens[rows]), mx.ones((len(rows), T)), reft.locations([T] * len(rows)).as_arrays(), None,
-             mx.array(tokens[rows].size)) for rows in np.array_split(np.arange(B), min(shards, B))]
+             mx.array(tokens[rows].size)) for rows in row_groups(tokens.shape[0], shards)]

@@ -53,7 +53,7 @@ def setup() -> dict:
     return _applied
 
 
-def cpu_streams_interleave() -> bool:
+def graph_order_unbounded() -> bool:
     """Whether MLX's graph order lets the work of several CPU streams run at once (setup() or the user unbounded it)."""
     try:
         return int(os.environ.get("MLX_BFS_MAX_WIDTH") or 20) >= int(CPU_GRAPH_WIDTH)

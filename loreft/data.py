@@ -45,9 +45,13 @@ class Batch:
         return inside.astype(np.float32)
 
     def split(self, parts: int) -> list["Batch"]:
-        """The rows in up to `parts` consecutive, nearly equal groups, each a Batch of the same width."""
-        groups = np.array_split(np.arange(len(self.tokens)), min(parts, len(self.tokens)))
-        return [Batch(self.tokens[g], self.prompt_lengths[g], self.lengths[g]) for g in groups]
+        """The rows in up to `parts` consecutive, nearly equal groups (row_groups), each a Batch of the same width."""
+        return [Batch(self.tokens[g], self.prompt_lengths[g], self.lengths[g]) for g in row_groups(len(self.tokens), parts)]
+
+
+def row_groups(rows: int, parts: int) -> list[np.ndarray]:
+    """Row indices in up to `parts` consecutive, nearly equal groups: how a step's rows are split over CPU streams."""
+    return np.array_split(np.arange(rows), min(parts, rows))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .backend import cpu_streams_interleave
+from .backend import graph_order_unbounded
 from .blas import cores_shared_by
 from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory, training_cache_limit
 from .checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -195,7 +195,7 @@ def row_shards(options: LoopOptions, world_size: int = 1) -> int:
     Several processes on CPUs already keep several cores busy: one part each. Without backend.setup()'s graph
     order the streams would run one after the other, at half the BLAS threads: one part then too.
     """
-    if mx.default_device() != mx.cpu or world_size > 1 or not cpu_streams_interleave():
+    if mx.default_device() != mx.cpu or world_size > 1 or not graph_order_unbounded():
         return 1
     return max(1, options.cpu_streams)
 
@@ -255,10 +255,10 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
         parts = [shard_loss_and_grad(stream, *shard) for stream, shard in zip(streams, shards)]
         counts, grad = parts[0]  # this rank's loss sum, targets, tokens, and their gradient
         for more_counts, more_grad in parts[1:]:
-            counts, grad = counts + more_counts, tree_map(lambda a, b: a + b, grad, more_grad)
+            counts, grad = counts + more_counts, tree_map(mx.add, grad, more_grad)
         grad_sum, targets_before = accumulated if accumulated is not None else (None, 0.0)
         if grad_sum is not None:
-            grad = tree_map(lambda a, b: a + b, grad, grad_sum)
+            grad = tree_map(mx.add, grad, grad_sum)
         if update:
             counts, grad = sum_across_ranks((counts, grad), group)  # identity on one process
             loss_sum, target_count, token_count = unstack(counts)  # slices: x[i] is a gather kernel
