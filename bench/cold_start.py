@@ -14,6 +14,7 @@ number of kernels in each job's MLX kernel folder (a cold job starts with an emp
     python bench/cold_start.py --plan checkpoint --out ckpt.json      # 2k and 4k tokens, recompute on and off
     python bench/cold_start.py --plan decode --out decode.json        # decode: adapter, base, mlx-lm's generate
     python bench/cold_start.py --plan ab --other ../old --out ab.json  # this checkout's jobs against another's, in turn
+    python bench/cold_start.py --plan switch --steps 1000 --out sw.json  # cold: background compile, in-process, none
 
 Needs an NVIDIA GPU for the memory figures (nvidia-smi); runs anywhere else with those left empty. mlx-lm runs as
 its own command does, without loreft's set-up: on a Linux CPU that means MLX's bundled (slow) BLAS for it,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,11 +255,27 @@ def loreft_worker(policy: str, args: list[str]) -> int:
             loreft.loss.HEAD_CHUNK_ELEMENTS = int(float(value))
         elif name == "plain-head":
             loreft.loss.head_cross_entropy = lambda head, h, t: loreft.loss.token_cross_entropy(head(h), t)
+        elif name == "eager":  # the step uncompiled: MLX's prebuilt kernels, no fused ones to generate
+            _uncompiled_step()
         elif name in ("sync", "trim"):  # after each release of MLX's cache: synchronize, or trim the CUDA pool
             _release_then(name)
         elif name != "default":
             raise SystemExit(f"bench/cold_start.py: unknown policy {change!r}")
     return main(args)
+
+
+def _uncompiled_step() -> None:
+    """Make train() run its step without mx.compile (LoopOptions.compiled=False)."""
+    import dataclasses
+
+    import loreft.trainer
+
+    plain = loreft.trainer.train
+
+    def train(*args, options=None, **kw):
+        return plain(*args, options=dataclasses.replace(options or loreft.trainer.LoopOptions(), compiled=False), **kw)
+
+    loreft.trainer.train = train
 
 
 # MLX frees GPU buffers into the CUDA driver's default memory pool (cudaFreeAsync), which keeps them reserved for
@@ -419,6 +437,32 @@ def plan_ab(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     return rows
 
 
+def plan_switch(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
+    """loreft cold with its background compile (training starts uncompiled, then switches), then cold compiling in
+    its own process first (LOREFT_BACKGROUND_COMPILE=0, as before the background compile), then the step uncompiled
+    throughout: each from an emptied kernel folder."""
+    rows = []
+    modes = (("background", {}, "default"), ("foreground", {"LOREFT_BACKGROUND_COMPILE": "0"}, "default"),
+             ("uncompiled", {}, "eager"))
+    for label, env_extra, policy in [m for m in modes if m[0] in a.modes.split(",")]:
+        cache_home = work / f"cache-home-{label}"
+        shutil.rmtree(cache_home, ignore_errors=True)
+        import mlx.core as mx
+
+        kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
+        env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None, **env_extra}
+        ad = work / f"adapter-switch-{label}"
+        row = run_job(f"switch-{label}", loreft_cmd(model, data, ad, a, policy=policy), env, kernels, logs)
+        rows.append({**row, "mode": label, **loreft_results(ad), **uncompiled_steps(logs / f"switch-{label}.log")})
+    return rows
+
+
+def uncompiled_steps(log: Path) -> dict:
+    """What `loreft train` printed about its background compile (steps run uncompiled, modules kept)."""
+    found = re.search(r"(\d+) steps ran uncompiled .*?\((\d+) kernel modules kept", log.read_text(errors="replace"))
+    return {"uncompiled_steps": int(found[1]), "kernel_modules_moved": int(found[2])} if found else {}
+
+
 def plan_memory(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     """loreft under each buffer-cache policy (warm kernels), then mlx-lm LoRA, same job."""
     rows = []
@@ -497,7 +541,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--lora-worker":
         return lora_worker(sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--plan", choices=["cold", "speed", "memory", "checkpoint", "decode", "ab"], required=True)
+    p.add_argument("--plan", choices=["cold", "speed", "memory", "checkpoint", "decode", "ab", "switch"], required=True)
     p.add_argument("--work", default="/tmp/loreft-cold-start", help="models, data, adapters and kernel folders")
     p.add_argument("--shape", default="qwen2-0.5b")
     p.add_argument("--dtype", default="bfloat16")
@@ -513,6 +557,7 @@ def main() -> int:
     p.add_argument("--tokens-per-step", type=int, default=8192, help="checkpoint plan: batch = this / length")
     p.add_argument("--other", help="ab plan: another checkout of this repository (its bench/ and loreft/)")
     p.add_argument("--rounds", type=int, default=2, help="ab plan: jobs of each version after the first")
+    p.add_argument("--modes", default="background,foreground,uncompiled", help="switch plan: which of its jobs")
     p.add_argument("--adapter", help="decode plan: adapter folder (default: the cold plan's warm loreft adapter)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", required=True)
@@ -540,6 +585,8 @@ def main() -> int:
         result["rows"] = plan_memory(a, model, data, work, logs)
     elif a.plan == "ab":
         result["rows"] = plan_ab(a, model, data, work, logs)
+    elif a.plan == "switch":
+        result["rows"] = plan_switch(a, model, data, work, logs)
     elif a.plan == "checkpoint":
         result["rows"] = plan_checkpoint(a, work, logs)
     else:

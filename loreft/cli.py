@@ -123,6 +123,11 @@ def print_summary(summary: dict) -> None:
           f"{summary['train_time_s']:.1f}s, train loss {_fmt(summary.get('train_loss'))}")
     if summary.get("stop_reason"):
         print(summary["stop_reason"])
+    background = summary.get("background_compile")
+    if background:
+        print(f"{background['uncompiled_steps']} steps ran uncompiled while the GPU kernels compiled in the "
+              f"background ({background['kernels_moved']} kernel modules kept for the next run"
+              + (f"; the compile failed: {background['error']})" if background["error"] else ")"))
     for split in ("valid", "test"):
         m = summary.get(split)
         if m:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import accumulate, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from . import background_compile
 from .backend import graph_order_unbounded
 from .blas import cores_shared_by
 from .bookkeeper import Bookkeeper, NonFiniteLossError, release_cached_memory, training_cache_limit
@@ -55,6 +56,9 @@ class LoopOptions:
     stop_vote: bool = True  # several processes: vote on stopping after every step (off: the run cannot be stopped)
     plot: Callable | None = plot_loss  # (history, path) -> None: loss.png beside the adapter
     cpu_streams: int = 2  # on a CPU: each batch's rows split over this many streams, each run by a thread of its own
+    # on CUDA, a kernel folder without this step's kernels: train uncompiled while a child process builds them
+    # (background_compile); LOREFT_BACKGROUND_COMPILE=0 compiles in this process before the first step instead
+    background_compile: bool = field(default_factory=lambda: os.environ.get("LOREFT_BACKGROUND_COMPILE", "1") != "0")
 
 
 def resolve_dtype(name: str) -> mx.Dtype:
@@ -274,7 +278,12 @@ def make_step(reft: Reft, optimizer: optim.Optimizer, cfg: TrainConfig, group=No
         # the global batch's loss, target and token counts on every rank, and the learning rate it used
         return loss_sum / target_count, target_count, token_count, optimizer.learning_rate, accumulated
 
-    return (mx.compile(step, inputs=state, outputs=state) if options.compiled else step), state
+    return (compile_step(step, state) if options.compiled else step), state
+
+
+def compile_step(step: Callable, state: list) -> Callable:
+    """The step as one compiled graph that reads and updates `state` (make_step's)."""
+    return mx.compile(step, inputs=state, outputs=state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,7 +324,8 @@ def train(
     per_epoch = steps_per_epoch(train_set, cfg.batch_size, group.size())  # checks batch_size % world size
     total_steps = cfg.iters or cfg.epochs * per_epoch
 
-    optimizer = make_optimizer(cfg, math.ceil(total_steps / cfg.grad_accumulation_steps))
+    optimizer_updates = math.ceil(total_steps / cfg.grad_accumulation_steps)
+    optimizer = make_optimizer(cfg, optimizer_updates)
     optimizer.init(model.trainable_parameters())
     saved = load_checkpoint(reft, optimizer, resume_from) if resume_from is not None and is_main else None
     if group.size() > 1:
@@ -326,7 +336,8 @@ def train(
     start = saved["step"] if saved else 0
     if saved:
         _check_resumable(start, total_steps, resume_from)
-    step_fn, state = make_step(reft, optimizer, cfg, group, options)
+    plain_step, state = make_step(reft, optimizer, cfg, group, replace(options, compiled=False))
+    step_fn = compile_step(plain_step, state) if options.compiled else plain_step
 
     stats = reft.stats()
     args_record = {"train": cfg.to_dict(), "reft": reft.config.to_dict(), "base_model": base_model, "total_steps": total_steps}
@@ -345,12 +356,26 @@ def train(
     model.train()
     shards = row_shards(options, group.size())
     steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps, shards)
+    # a kernel folder that has not seen this step: train uncompiled while a child process builds its kernels
+    background = None
+    if options.compiled and options.background_compile:
+        background = background_compile.start(background_compile.kernel_folder(), _background_spec(
+            reft, cfg, options, group, base_model, optimizer_updates, train_set, pad_id))
+    queue.step_fn = plain_step if background else step_fn
+    compiled_from = None  # with a background compile: the first step queued compiled
     # CPU streams share the cores in their matmuls; on a GPU, MLX's cache of freed buffers is capped
-    with cores_shared_by(shards), training_cache_limit():
-        for step, results in queue.run(steps):
-            book.record(step, results)
-            book.after_step(step + 1, mid_update=queue.accumulated is not None)
-            queue.stop_if(book.stop_requested() or book.early_stop_reason is not None)
+    try:
+        with cores_shared_by(shards), training_cache_limit():
+            for step, results in queue.run(steps):
+                if background is not None and compiled_from is None and background.done():  # kernels on disk
+                    queue.step_fn = step_fn
+                    compiled_from = queue.queued[-1].step + 1 if queue.queued else step + 1
+                book.record(step, results)
+                book.after_step(step + 1, mid_update=queue.accumulated is not None)
+                queue.stop_if(book.stop_requested() or book.early_stop_reason is not None)
+    finally:
+        if background is not None:
+            background.close()
 
     final_step = start + book.steps_done
     stopped = queue.stopped and book.early_stop_reason is None  # early stopping ends the run normally
@@ -373,6 +398,9 @@ def train(
         "train_loss": next((r["loss"] for r in reversed(book.history) if r["kind"] == "train"), None),
         "valid": valid_metrics, "test": test_metrics, "trainable": stats.trainable,
         "total_parameters": stats.total, "train_time_s": book.train_time,
+        "background_compile": background and {  # None: the step compiled in this process (or never)
+            "uncompiled_steps": (final_step if compiled_from is None else compiled_from) - start,
+            "kernels_moved": background.moved, "error": background.error},
     }
     release_cached_memory()  # the run is over: what nvidia-smi shows drops to the weights and the adapter
     for cb in book.callbacks:
@@ -382,6 +410,21 @@ def train(
     if is_main and options.plot is not None:
         _write_beside(path / "loss.png", lambda tmp: options.plot(book.history, tmp))
     return summary
+
+
+def _background_spec(reft: Reft, cfg: TrainConfig, options: LoopOptions, group, base_model: str | None,
+                     optimizer_updates: int, rows: Sequence[Example], pad_id: int) -> dict | None:
+    """The step for background_compile's child to build, or None where it cannot build the same one."""
+    if group.size() > 1 or base_model is None or options.loss is not completion_loss:
+        return None  # several processes all-reduce inside the step; a custom loss or model the child cannot load
+    from .models import quantized_layers, resolve_model
+
+    return background_compile.step_spec(
+        resolve_model(base_model), resolve_dtype(cfg.dtype), dequantized=not quantized_layers(reft.model),
+        reft_config=reft.config.to_dict(), layers=reft.layers, num_layers=reft.num_layers, train_config=cfg.to_dict(),
+        total_updates=optimizer_updates,
+        loop={"sparse_logits": options.sparse_logits, "batched_rotations": options.batched_rotations},
+        rows=list(rows[:background_compile.ROWS]), pad_id=pad_id)
 
 
 def check_selection(cfg: TrainConfig, valid_set, test_set, has_test_metrics: bool) -> None:

@@ -1,0 +1,243 @@
+"""A cold start without the wait: the compiled step's CUDA kernels are built by a second process while training
+runs uncompiled.
+
+On CUDA, MLX compiles each distinct fused kernel of an `mx.compile`d step the first time a process meets it and
+keeps it in its kernel folder. For a LoReFT step that is about 25 kernels and 100-130 s on a fresh machine,
+while the same step uncompiled needs two small kernels and runs at about 40% of the compiled speed. So when the
+kernel folder has not seen this step, training starts uncompiled at once and a child process builds the compiled
+step on a copy of the model cut to its first two blocks (kernel names depend on widths, dtypes and the
+operations, not on depth or batch), writing the kernels into a staging folder of its own. When it is done, the
+kernels are moved into the kernel folder (each module's files renamed in, its .ptx last, so a reader never sees
+half a module) and training switches to the compiled step, which finds them on disk. A run that ends first keeps
+what the child finished for the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cuda import KERNEL_CACHE_ENV
+
+SPEC, LOG = "step.json", "compile.log"
+DEPTH = 2  # blocks in the child's copy: one intervened and one plain when the run leaves some blocks plain
+ROWS = 2  # rows of the child's one batch: its memory is small beside the training process's
+
+
+def kernel_folder() -> Path | None:
+    """MLX's CUDA kernel folder (MLX_PTX_CACHE_DIR) when this process trains on a CUDA GPU, else None."""
+    folder = os.environ.get(KERNEL_CACHE_ENV)
+    if not folder or mx.default_device() != mx.gpu or not mx.cuda.is_available():
+        return None
+    return Path(folder)
+
+
+def child_layers(layers: list[int], num_layers: int) -> list[int] | str:
+    """The child's intervened blocks: all of its DEPTH when the run intervenes everywhere, else its first only."""
+    return "all" if len(layers) == num_layers or num_layers <= 1 else [0]
+
+
+def step_spec(model_path: str, dtype: mx.Dtype, dequantized: bool, reft_config: dict, layers: list[int],
+              num_layers: int, train_config: dict, total_updates: int, loop: dict, rows: list, pad_id: int) -> dict:
+    """What the child needs to build the same compiled step (rows: a few training Examples): JSON-ready."""
+    return {"model": model_path, "dtype": str(dtype).rsplit(".", 1)[-1], "dequantized": dequantized,
+            "reft": {**reft_config, "layers": child_layers(layers, num_layers)}, "train": train_config,
+            "total_updates": total_updates, "loop": loop, "mlx": mx.__version__,
+            "rows": [dataclasses.asdict(r) for r in rows[:ROWS]], "pad_id": pad_id}
+
+
+def marker(folder: Path, spec: dict) -> Path:
+    """The file that says a child has built this step's kernels into `folder` (its name hashes the spec less
+    its rows: kernels do not depend on the data)."""
+    kernel_facts = {k: v for k, v in spec.items() if k not in ("rows", "pad_id")}
+    digest = hashlib.sha256(json.dumps(kernel_facts, sort_keys=True).encode()).hexdigest()[:24]
+    return folder.with_name(folder.name + ".steps") / f"{digest}.json"
+
+
+def module_files(folder: Path) -> dict[str, list[Path]]:
+    """Each kernel module in a kernel folder (MLX writes <name>.ptx, .txt and .cu; long names as subfolders)."""
+    modules: dict[str, list[Path]] = {}
+    for f in folder.rglob("*"):
+        if f.is_file() and f.suffix in (".ptx", ".txt", ".cu"):
+            modules.setdefault(str(f.relative_to(folder).with_suffix("")), []).append(f)
+    return modules
+
+
+def merge_modules(staging: Path, folder: Path, complete: bool) -> int:
+    """Move the staging folder's modules that `folder` lacks into it; returns how many.
+
+    MLX writes a module's files without renaming them into place, and one at a time: while the child ran, the
+    newest module may be half-written, so a child that was stopped (complete=False) gives all but its newest.
+    """
+    modules = module_files(staging)
+    if not complete and modules:
+        newest = max(modules, key=lambda m: max(f.stat().st_mtime_ns for f in modules[m]))
+        del modules[newest]
+    moved = 0
+    for name, files in modules.items():
+        if (folder / name).with_suffix(".ptx").exists():
+            continue
+        for f in sorted(files, key=lambda f: f.suffix == ".ptx"):  # MLX looks for the .ptx first: it goes in last
+            target = folder / f.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+        moved += 1
+    return moved
+
+
+def _link_modules(folder: Path, staging: Path) -> None:
+    """Hard links (copies across filesystems) in staging to every module file in folder."""
+    for files in module_files(folder).values() if folder.is_dir() else ():
+        for f in files:
+            target = staging / f.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _clear_stale(folder: Path) -> None:
+    """Staging folders left by runs that were killed (their process is gone)."""
+    for old in folder.parent.glob(folder.name + ".staging-*"):
+        try:
+            os.kill(int(old.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            _remove(old)
+        except (ValueError, PermissionError):
+            pass
+
+
+class BackgroundCompile:
+    """The child process that builds the compiled step's kernels, and the move of its kernels into the folder."""
+
+    def __init__(self, folder: Path, spec: dict):
+        self.folder, self.spec, self.marker = folder, spec, marker(folder, spec)
+        _clear_stale(folder)
+        self.staging = folder.with_name(f"{folder.name}.staging-{os.getpid()}")
+        _remove(self.staging)
+        self.staging.mkdir(parents=True)
+        _link_modules(folder, self.staging)  # what earlier runs compiled, the child reads instead of compiling
+        (self.staging / SPEC).write_text(json.dumps(spec))
+        env = {**os.environ, KERNEL_CACHE_ENV: str(self.staging)}
+        with open(self.staging / LOG, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", __name__, str(self.staging)], env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.moved = 0
+        self.error: str | None = None
+
+    def done(self) -> bool:
+        """Whether the child has exited; on its first exit, its kernels are moved into the folder."""
+        if self.process is None:
+            return True
+        if self.process.poll() is None:
+            return False
+        self._finish(complete=True)
+        return True
+
+    def close(self) -> None:
+        """Stop the child if it still runs, keeping the kernels it finished (the run is over)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+            self._finish(complete=False)
+        else:
+            self._finish(complete=True)
+
+    def _finish(self, complete: bool) -> None:
+        code, self.process = self.process.returncode, None
+        ok = complete and code == 0
+        if complete and not ok:
+            tail = (self.staging / LOG).read_text(errors="replace").strip().splitlines()
+            self.error = f"exit {code}: {tail[-1] if tail else 'no output'}"
+        try:
+            self.moved = merge_modules(self.staging, self.folder, complete=ok)
+            if ok:
+                self.marker.parent.mkdir(parents=True, exist_ok=True)
+                self.marker.write_text(json.dumps(self.spec))
+        finally:
+            _remove(self.staging)
+
+
+def start(folder: Path | None, spec: dict | None) -> BackgroundCompile | None:
+    """A child building the step described by spec into folder, or None: no CUDA kernel folder, or done before."""
+    if folder is None or spec is None or marker(folder, spec).is_file():
+        return None
+    return BackgroundCompile(folder, spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The child
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the training process dies (a killed job leaves no child)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def build_step(staging: Path) -> None:
+    """Build and run the step staging/step.json describes, once per kind (accumulating, updating), on its rows."""
+    from mlx_lm.utils import _download, load_model
+
+    from .config import ReftConfig, TrainConfig
+    from .data import Example, iterate_batches
+    from .loss import PAD_TO, stage_batches
+    from .model import _block_list, attach
+    from .models import dequantize, quantized_layers
+    from .trainer import LoopOptions, compile_step, make_optimizer, make_step
+
+    mx.set_cache_limit(0)  # freed buffers go back at once: this process stays small beside the training one
+    spec = json.loads((staging / SPEC).read_text())
+    model, _ = load_model(_download(spec["model"]), lazy=True)  # weights are read only where used
+    blocks = _block_list(model)
+    del blocks[DEPTH:]
+    model.set_dtype(getattr(mx, spec["dtype"]), lambda x: mx.issubdtype(x, mx.floating))
+    if spec["dequantized"] and quantized_layers(model):  # the run unpacked its quantized layers
+        dequantize(model)
+    reft = attach(model, ReftConfig.from_dict(spec["reft"]))
+    cfg = TrainConfig.from_dict(spec["train"])
+    optimizer = make_optimizer(cfg, spec["total_updates"])
+    optimizer.init(model.trainable_parameters())
+    plain, state = make_step(reft, optimizer, cfg, options=LoopOptions(**spec["loop"], compiled=False))
+    step = compile_step(plain, state)
+    rows = [Example(**r) for r in spec["rows"]]
+    batch = next(iterate_batches(rows, len(rows), pad_id=spec["pad_id"], pad_to=PAD_TO))
+    inputs = tuple(stage_batches(reft, [batch]))  # one shard: the trainer's inputs for a GPU
+    model.train()
+    accumulated = None
+    for update in ([False, True] if cfg.grad_accumulation_steps > 1 else [True]):
+        *results, accumulated = step(inputs, accumulated, update)
+        mx.eval(state, results, accumulated)
+
+
+def main(argv: list[str]) -> int:
+    from .backend import setup
+
+    _die_with_parent()
+    setup()  # the CUDA settings the training process runs with
+    build_step(Path(argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
