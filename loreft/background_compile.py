@@ -29,7 +29,10 @@ import mlx.core as mx
 from .cuda import KERNEL_CACHE_ENV
 
 SPEC, LOG = "step.json", "compile.log"
-DEPTH = 2  # blocks in the child's copy: one intervened and one plain when the run leaves some blocks plain
+# The child's copy of the model: kernels differ where a block's neighbours differ (the gradient through an
+# intervened block into another intervened one fuses differently than into a plain one), so a run that leaves
+# some blocks plain gets plain, intervened, intervened, plain; a run that intervenes everywhere, two intervened.
+MIXED_LAYERS, MIXED_DEPTH, ALL_DEPTH = [1, 2], 4, 2
 ROWS = 2  # rows of the child's one batch: its memory is small beside the training process's
 
 
@@ -41,16 +44,21 @@ def kernel_folder() -> Path | None:
     return Path(folder)
 
 
-def child_layers(layers: list[int], num_layers: int) -> list[int] | str:
-    """The child's intervened blocks: all of its DEPTH when the run intervenes everywhere, else its first only."""
-    return "all" if len(layers) == num_layers or num_layers <= 1 else [0]
+def child_shape(layers: list[int], num_layers: int) -> tuple[int, list[int] | str]:
+    """(blocks, intervened blocks) of the child's copy of a model whose `layers` of `num_layers` are intervened."""
+    if len(layers) == num_layers:
+        return min(num_layers, ALL_DEPTH), "all"
+    if num_layers < MIXED_DEPTH:
+        return num_layers, list(layers)
+    return MIXED_DEPTH, MIXED_LAYERS
 
 
 def step_spec(model_path: str, dtype: mx.Dtype, dequantized: bool, reft_config: dict, layers: list[int],
               num_layers: int, train_config: dict, total_updates: int, loop: dict, rows: list, pad_id: int) -> dict:
     """What the child needs to build the same compiled step (rows: a few training Examples): JSON-ready."""
-    return {"model": model_path, "dtype": str(dtype).rsplit(".", 1)[-1], "dequantized": dequantized,
-            "reft": {**reft_config, "layers": child_layers(layers, num_layers)}, "train": train_config,
+    depth, child_layers = child_shape(layers, num_layers)
+    return {"model": model_path, "dtype": str(dtype).rsplit(".", 1)[-1], "dequantized": dequantized, "depth": depth,
+            "reft": {**reft_config, "layers": child_layers}, "train": train_config,
             "total_updates": total_updates, "loop": loop, "mlx": mx.__version__,
             "rows": [dataclasses.asdict(r) for r in rows[:ROWS]], "pad_id": pad_id}
 
@@ -210,7 +218,7 @@ def build_step(staging: Path) -> None:
     spec = json.loads((staging / SPEC).read_text())
     model, _ = load_model(_download(spec["model"]), lazy=True)  # weights are read only where used
     blocks = _block_list(model)
-    del blocks[DEPTH:]
+    del blocks[spec["depth"]:]
     model.set_dtype(getattr(mx, spec["dtype"]), lambda x: mx.issubdtype(x, mx.floating))
     if spec["dequantized"] and quantized_layers(model):  # the run unpacked its quantized layers
         dequantize(model)
