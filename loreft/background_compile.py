@@ -140,7 +140,10 @@ class BackgroundCompile:
         self.staging.mkdir(parents=True)
         _link_modules(folder, self.staging)  # what earlier runs compiled, the child reads instead of compiling
         (self.staging / SPEC).write_text(json.dumps(spec))
-        env = {**os.environ, KERNEL_CACHE_ENV: str(self.staging)}
+        # the child finds this loreft whatever its working folder, and the model where this process found it
+        package_root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, KERNEL_CACHE_ENV: str(self.staging), "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
         with open(self.staging / LOG, "w") as log:
             self.process = subprocess.Popen([sys.executable, "-m", __name__, str(self.staging)], env=env,
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
