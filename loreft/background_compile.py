@@ -181,6 +181,8 @@ class BackgroundCompile:
             if ok:
                 self.marker.parent.mkdir(parents=True, exist_ok=True)
                 self.marker.write_text(json.dumps(self.spec))
+        except OSError as e:  # a full or read-only disk costs the next run its head start, never this run
+            self.error = f"its kernels could not be kept: {e}"
         finally:
             _remove(self.staging)
 

@@ -240,3 +240,22 @@ def test_the_childs_copy_builds_every_kernel_of_the_full_step(tiny_model_dir, tm
     full, child = set(modules(full_tmp)), set(modules(child_tmp))
     assert len(full) > 10  # the step's fused graphs were found
     assert full <= child, f"kernels the child did not build: {sorted(full - child)[:3]}"
+
+
+def test_a_kernel_folder_that_cannot_take_the_modules_costs_only_the_head_start(tmp_path, monkeypatch):
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    child = bc.BackgroundCompile.__new__(bc.BackgroundCompile)
+    child.folder, child.spec, child.marker, child.moved, child.error = folder, {}, bc.marker(folder, {}), 0, None
+    child.staging = tmp_path / "staging"
+    write_module(child.staging, "fused_a")
+    child.process = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.process.wait()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bc.os, "replace", full_disk)
+    assert child.done()
+    assert "No space left on device" in child.error
+    assert not child.marker.exists() and not child.staging.exists()
