@@ -34,6 +34,8 @@ SPEC, LOG = "step.json", "compile.log"
 # some blocks plain gets plain, intervened, intervened, plain; a run that intervenes everywhere, two intervened.
 MIXED_LAYERS, MIXED_DEPTH, ALL_DEPTH = [1, 2], 4, 2
 ROWS = 2  # rows of the child's one batch: its memory is small beside the training process's
+NOTE = ("this GPU's kernel folder has not seen this training step: training runs uncompiled (about half speed) "
+        "while a second process compiles it, then switches (LOREFT_BACKGROUND_COMPILE=0 compiles first instead)")
 
 
 def kernel_folder() -> Path | None:

@@ -346,25 +346,23 @@ def train(
                       pad_id=pad_id, saved=saved, last_checkpoint=Path(resume_from) if resume_from is not None else None,
                       stale_checkpoints=_stale_checkpoints(adapter_dir, resume_from),
                       adapter_kw={"base_model": base_model, "extra": adapter_extra}, test_metrics_fn=test_metrics_fn)
-    queue = StepQueue(step_fn, state, reft, optimizer, group=group, seed=cfg.seed,
-                      accumulation=cfg.grad_accumulation_steps, total_steps=total_steps,
-                      queue_ahead=options.queue_ahead, barrier=book.needs_weights, stop_vote=options.stop_vote)
-    book.start({"total_steps": total_steps, "start_step": start, "trainable": stats.trainable,
-                "total_parameters": stats.total, "percent": stats.percent,
-                "notes": _run_notes(cfg, group.size()), **args_record})
-
-    model.train()
-    shards = row_shards(options, group.size())
-    steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps, shards)
     # a kernel folder that has not seen this step: train uncompiled while a child process builds its kernels
     background = None
     if options.compiled and options.background_compile:
         background = background_compile.start(background_compile.kernel_folder(), _background_spec(
             reft, cfg, options, group, base_model, optimizer_updates, train_set, pad_id))
-    queue.step_fn = plain_step if background else step_fn
     compiled_from = None  # with a background compile: the first step queued compiled
-    # CPU streams share the cores in their matmuls; on a GPU, MLX's cache of freed buffers is capped
+    queue = StepQueue(plain_step if background else step_fn, state, reft, optimizer, group=group, seed=cfg.seed,
+                      accumulation=cfg.grad_accumulation_steps, total_steps=total_steps,
+                      queue_ahead=options.queue_ahead, barrier=book.needs_weights, stop_vote=options.stop_vote)
+    notes = _run_notes(cfg, group.size()) + ([background_compile.NOTE] if background else [])
     try:
+        book.start({"total_steps": total_steps, "start_step": start, "trainable": stats.trainable,
+                    "total_parameters": stats.total, "percent": stats.percent, "notes": notes, **args_record})
+        model.train()
+        shards = row_shards(options, group.size())
+        steps = staged(batch_stream(train_set, cfg, start, total_steps, pad_id, group), reft, options.stage_steps, shards)
+        # CPU streams share the cores in their matmuls; on a GPU, MLX's cache of freed buffers is capped
         with cores_shared_by(shards), training_cache_limit():
             for step, results in queue.run(steps):
                 if background is not None and compiled_from is None and background.done():  # kernels on disk

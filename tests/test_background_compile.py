@@ -22,6 +22,7 @@ import loreft.background_compile as bc
 from bench.kernel_count import modules
 from loreft.config import ReftConfig, TrainConfig
 from loreft.model import attach
+from loreft.reporting import Callback
 from loreft.trainer import LoopOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,14 @@ def summary_history(adapter: Path) -> list[dict]:
 def test_training_switches_to_the_compiled_step_when_the_child_is_done(tiny_model_dir, examples, tmp_path,
                                                                       cpu_kernel_folder, monkeypatch):
     wait_for_child_at_first_check(monkeypatch)
-    first, losses = run(tiny_model_dir, examples, tmp_path, "first")
+    notes = []
+
+    class Notes(Callback):
+        def on_train_start(self, info):
+            notes.append(info["notes"])
+
+    first, losses = run(tiny_model_dir, examples, tmp_path, "first", callbacks=[Notes()])
+    assert bc.NOTE in notes[0]  # the user is told why the first steps are slow
     background = first["background_compile"]
     assert background["error"] is None
     # the first check comes after step 1 is read, with step 2 queued behind it: step 3 is the first compiled
@@ -150,8 +158,8 @@ def test_training_switches_to_the_compiled_step_when_the_child_is_done(tiny_mode
     assert not list(tmp_path.glob("kernels.staging-*")), "the staging folder was left behind"
 
     # the next run with the same step finds the marker: compiled from its first step, no child
-    again, again_losses = run(tiny_model_dir, examples, tmp_path, "again")
-    assert again["background_compile"] is None
+    again, again_losses = run(tiny_model_dir, examples, tmp_path, "again", callbacks=[Notes()])
+    assert again["background_compile"] is None and bc.NOTE not in notes[1]
     monkeypatch.setenv("LOREFT_BACKGROUND_COMPILE", "0")
     bc_off, off_losses = run(tiny_model_dir, examples, tmp_path, "off")
     assert bc_off["background_compile"] is None
