@@ -193,7 +193,10 @@ def start(folder: Path | None, spec: dict | None) -> BackgroundCompile | None:
     """A child building the step described by spec into folder, or None: no CUDA kernel folder, or done before."""
     if folder is None or spec is None or marker(folder, spec).is_file():
         return None
-    return BackgroundCompile(folder, spec)
+    try:
+        return BackgroundCompile(folder, spec)
+    except OSError:  # no room or no right to write beside the kernel folder: compile in the training process
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -267,3 +267,9 @@ def test_a_kernel_folder_that_cannot_take_the_modules_costs_only_the_head_start(
     assert child.done()
     assert "No space left on device" in child.error
     assert not child.marker.exists() and not child.staging.exists()
+
+
+def test_no_child_where_nothing_can_be_written_beside_the_kernel_folder(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    assert bc.start(blocker / "kernels", {"model": "m"}) is None  # the run compiles in its own process
