@@ -232,7 +232,8 @@ def loreft_worker(policy: str, args: list[str]) -> int:
     limit=<GB> or limit=none (loreft.bookkeeper.TRAINING_CACHE_LIMIT, MLX's cache of freed buffers while training;
     none: MLX's own limit), sync or trim (after each release of MLX's cache, synchronize, or trim the CUDA
     pool too; both print the pool's bytes), head-chunk=<logits> (loreft.loss.HEAD_CHUNK_ELEMENTS), plain-head (the
-    LM head's loss as token_cross_entropy of the full head output, keeping its logits for the backward pass)."""
+    LM head's loss as token_cross_entropy of the full head output, keeping its logits for the backward pass),
+    eager (the step uncompiled throughout)."""
     import loreft.backend
 
     loreft.backend.setup()  # as the CLI does, before mlx.core is imported (main() below calls it again: no-op)
