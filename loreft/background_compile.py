@@ -2,11 +2,12 @@
 runs uncompiled.
 
 On CUDA, MLX compiles each distinct fused kernel of an `mx.compile`d step the first time a process meets it and
-keeps it in its kernel folder. For a LoReFT step that is about 25 kernels and 100-130 s on a fresh machine,
-while the same step uncompiled needs two small kernels and runs at about 40% of the compiled speed. So when the
+keeps it in its kernel folder. For a LoReFT step that is about 24 modules and 100-130 s on a fresh machine,
+while the same step uncompiled needs two small ones and runs at about half the compiled speed. So when the
 kernel folder has not seen this step, training starts uncompiled at once and a child process builds the compiled
-step on a copy of the model cut to its first two blocks (kernel names depend on widths, dtypes and the
-operations, not on depth or batch), writing the kernels into a staging folder of its own. When it is done, the
+step on a copy of the model cut to a few blocks and two rows of the training data (kernel names depend on
+widths, dtypes and the operations, not on depth or batch: tests/test_background_compile.py checks it on the
+CPU), writing the kernels into a staging folder of its own. When it is done, the
 kernels are moved into the kernel folder (each module's files renamed in, its .ptx last, so a reader never sees
 half a module) and training switches to the compiled step, which finds them on disk. A run that ends first keeps
 what the child finished for the next run.
