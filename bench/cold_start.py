@@ -137,15 +137,14 @@ class GpuMemory:
 
 
 def kernel_modules(folder: Path, since: float = 0.0) -> dict:
-    """Files and distinct kernel modules (a module's files share a name up to the extension) in a kernel folder,
-    and when each module written after `since` (epoch s) appeared: the gaps between them show what each costs."""
-    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
-    first: dict[str, float] = {}
-    for f in files:
-        name, written = f.name.split(".")[0], f.stat().st_mtime
-        first[name] = min(written, first.get(name, written))
+    """Files and distinct kernel modules in a kernel folder (loreft.background_compile.module_files), and when
+    each module written after `since` (epoch s) appeared: the gaps between them show what each costs."""
+    from loreft.background_compile import module_files
+
+    modules = module_files(folder) if folder.is_dir() else {}
+    first = {name: min(f.stat().st_mtime for f in files) for name, files in modules.items()}
     timeline = sorted((round(t - since, 2), n) for n, t in first.items() if t >= since)
-    return {"files": len(files), "modules": len(first), "names": sorted(first), "timeline": timeline}
+    return {"files": sum(map(len, modules.values())), "modules": len(first), "names": sorted(first), "timeline": timeline}
 
 
 PARTIAL: list[Path] = []  # where each finished job's row is appended (a run cut short keeps what it measured)
@@ -383,22 +382,30 @@ def lora_worker(args: list[str]) -> int:
 # Plans
 
 
+def loreft_kernel_home(cache_home: Path, empty: bool) -> tuple[Path, dict]:
+    """(the kernel folder a `loreft train` job uses by default with cache_home as $XDG_CACHE_HOME, the environment
+    that makes it find that folder by itself), cache_home emptied first when `empty`."""
+    from loreft.backend import kernel_cache_root
+    from loreft.cuda import kernel_cache_dir
+
+    if empty:
+        shutil.rmtree(cache_home, ignore_errors=True)
+    kernels = cache_home / "mlx-loreft" / kernel_cache_dir().relative_to(kernel_cache_root())
+    # this process's own set-up may have set MLX_PTX_CACHE_DIR, and a user LOREFT_CACHE: the job must find the
+    # default under $XDG_CACHE_HOME by itself
+    return kernels, {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None, "LOREFT_CACHE": None}
+
+
 def plan_cold(a, model: Path, data: Path, work: Path, logs: Path, phases=("cold", "warm")) -> list[dict]:
     """Each tool cold (empty kernel folder), then warm (the folder its cold job filled).
 
     phases=("speed",): one job each with whatever the kernel folders hold (a cold plan run before, on any
     shape, fills most of them): the steady speed of another shape or supervision without two cold starts.
     """
-    cache_home = work / "cache-home"  # loreft's default kernel folder lives under $XDG_CACHE_HOME
+    loreft_kernels, loreft_env = loreft_kernel_home(work / "cache-home", empty="cold" in phases)
     lora_kernels = work / "kernels-lora"
     if "cold" in phases:
-        for d in (cache_home, lora_kernels):
-            shutil.rmtree(d, ignore_errors=True)
-    import mlx.core as mx
-
-    loreft_kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
-    # this process's own set-up may have set MLX_PTX_CACHE_DIR: the job must find its default by itself
-    loreft_env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None}
+        shutil.rmtree(lora_kernels, ignore_errors=True)
     lora_env = {"MLX_PTX_CACHE_DIR": str(lora_kernels)}
     rows = []
     for phase in phases:
@@ -415,12 +422,7 @@ def plan_ab(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict]:
     """`loreft train` of this checkout, then of another (a.other) and this one in turn (a.rounds each), all on one
     kernel folder, emptied first: the first job is a cold start, the rest compare the two versions' steady speed;
     then `mlx_lm lora` from an empty kernel folder of its own (the cold start to compare the first job with)."""
-    cache_home = work / "cache-home-ab"
-    shutil.rmtree(cache_home, ignore_errors=True)
-    import mlx.core as mx
-
-    kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
-    env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None}
+    kernels, env = loreft_kernel_home(work / "cache-home-ab", empty=True)
     other = str(Path(a.other).resolve() / "bench" / "cold_start.py")
     rows = []
     for i, which in enumerate(["this"] + ["other", "this"] * a.rounds):
@@ -446,12 +448,8 @@ def plan_switch(a, model: Path, data: Path, work: Path, logs: Path) -> list[dict
     modes = (("background", {}, "default"), ("foreground", {"LOREFT_BACKGROUND_COMPILE": "0"}, "default"),
              ("uncompiled", {}, "eager"))
     for label, env_extra, policy in [m for m in modes if m[0] in a.modes.split(",")]:
-        cache_home = work / f"cache-home-{label}"
-        shutil.rmtree(cache_home, ignore_errors=True)
-        import mlx.core as mx
-
-        kernels = cache_home / "mlx-loreft" / "cuda-kernels" / f"mlx-{mx.__version__}"
-        env = {"XDG_CACHE_HOME": str(cache_home), "MLX_PTX_CACHE_DIR": None, **env_extra}
+        kernels, env = loreft_kernel_home(work / f"cache-home-{label}", empty=True)
+        env.update(env_extra)
         ad = work / f"adapter-switch-{label}"
         row = run_job(f"switch-{label}", loreft_cmd(model, data, ad, a, policy=policy), env, kernels, logs)
         rows.append({**row, "mode": label, **loreft_results(ad), **uncompiled_steps(logs / f"switch-{label}.log")})
