@@ -166,12 +166,11 @@ class BackgroundCompile:
         """Stop the child if it still runs, keeping the kernels it finished (the run is over)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
+        running = self.process.poll() is None
+        if running:
             self.process.kill()
             self.process.wait()
-            self._finish(complete=False)
-        else:
-            self._finish(complete=True)
+        self._finish(complete=not running)
 
     def _finish(self, complete: bool) -> None:
         code, self.process = self.process.returncode, None

@@ -97,6 +97,17 @@ def test_the_child_copies_each_kind_of_neighbour():
     assert bc.child_shape([1], 2) == (2, [1])
 
 
+def stand_in_child(folder: Path, spec: dict, staging: Path, code: str) -> bc.BackgroundCompile:
+    """A BackgroundCompile whose child runs `python -c code` (logging to the staging folder) instead of build_step."""
+    child = bc.BackgroundCompile.__new__(bc.BackgroundCompile)
+    child.folder, child.spec, child.marker, child.moved, child.error = folder, spec, bc.marker(folder, spec), 0, None
+    child.staging = staging
+    staging.mkdir(parents=True, exist_ok=True)
+    with open(staging / bc.LOG, "w") as log:
+        child.process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    return child
+
+
 # ---------------------------------------------------------------- the child and the switch, on the CPU
 
 
@@ -174,14 +185,8 @@ def test_a_failing_child_is_reported_and_training_compiles_itself(tiny_model_dir
     monkeypatch.setattr(bc, "build_step", lambda staging: sys.exit("no GPU left for the child"))
 
     def start(folder, spec):  # the child imports build_step afresh: give it one that fails the same way
-        child = bc.BackgroundCompile.__new__(bc.BackgroundCompile)
-        child.folder, child.spec, child.marker, child.moved, child.error = folder, spec, bc.marker(folder, spec), 0, None
-        child.staging = folder.with_name(folder.name + ".staging-test")
-        child.staging.mkdir()
-        with open(child.staging / bc.LOG, "w") as log:
-            child.process = subprocess.Popen([sys.executable, "-c", "import sys; print('CUDA out of memory'); sys.exit(3)"],
-                                             stdout=log, stderr=subprocess.STDOUT)
-        return child
+        return stand_in_child(folder, spec, folder.with_name(folder.name + ".staging-test"),
+                              "import sys; print('CUDA out of memory'); sys.exit(3)")
 
     monkeypatch.setattr(bc, "start", start)
     summary, losses = run(tiny_model_dir, examples, tmp_path, "failed")
@@ -253,11 +258,8 @@ def test_the_childs_copy_builds_every_kernel_of_the_full_step(tiny_model_dir, tm
 def test_a_kernel_folder_that_cannot_take_the_modules_costs_only_the_head_start(tmp_path, monkeypatch):
     folder = tmp_path / "kernels"
     folder.mkdir()
-    child = bc.BackgroundCompile.__new__(bc.BackgroundCompile)
-    child.folder, child.spec, child.marker, child.moved, child.error = folder, {}, bc.marker(folder, {}), 0, None
-    child.staging = tmp_path / "staging"
-    write_module(child.staging, "fused_a")
-    child.process = subprocess.Popen([sys.executable, "-c", "pass"])
+    write_module(tmp_path / "staging", "fused_a")
+    child = stand_in_child(folder, {}, tmp_path / "staging", "pass")
     child.process.wait()
 
     def full_disk(*args):
