@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from loreft.loss import completion_loss, token_cross_entropy
+from loreft.model import apply_interventions
 from loreft.trainer import LoopOptions
 
 # name -> what turning it off does; the bench's variants are "ours" with a subset switched off.
@@ -23,6 +24,7 @@ LEVERS = {
     "gather": "edit every position (masked) instead of only the picked rows",
     "select_matmul": "pick and write back the edited rows with gather/scatter kernels, not 0/1 matmuls",
     "fused_scatter": "gather and scatter once per group instead of once per layer (implies select_matmul off)",
+    "stacked_groups": "edit a layer's first and last groups one after the other, not in one stacked pass",
     "fused_ce": "cross-entropy through nn.losses.cross_entropy's generic gradient",
     "head_grad": "keep the LM head's logits for the backward pass (no gradient worked out in the forward, no chunks)",
     "row_shards": "a CPU step's rows on one stream (not split over CPU streams that run at once)",
@@ -118,4 +120,6 @@ def apply_function(off: Iterable[str]):
         return per_group_apply_interventions
     if "select_matmul" in off:
         return gather_apply_interventions
+    if "stacked_groups" in off:
+        return partial(apply_interventions, stack_groups=False)
     return None

@@ -13,6 +13,7 @@ A step whose prep + trace + queue is close to `step` is host-bound: a faster dev
 Runs under `mlx.launch` too (each rank reports its own numbers; the step then all-reduces gradients).
 
     python bench/step_timing.py --batch 8 --seq 512
+    python bench/step_timing.py --batch 8 --off stacked_groups   # the step with one lever off
     mlx.launch --backend nccl --hosts 127.0.0.1 -n 2 -- python bench/step_timing.py --batch 8
 """
 
@@ -44,6 +45,8 @@ def main() -> None:
                         "made every step; reuse: made once (no upload at all)")
     p.add_argument("--cpu-streams", type=int, default=None, help="on a CPU: streams a step's rows are split over "
                    "(default: the trainer's, LoopOptions.cpu_streams)")
+    p.add_argument("--off", default="", help="speed levers switched off, comma-separated (bench/levers.py), e.g. "
+                   "stacked_groups: the same run measures the step with and without them")
     a = p.parse_args()
 
     from loreft.backend import setup
@@ -65,7 +68,13 @@ def main() -> None:
     cfg = TrainConfig(learning_rate=1e-4, lr_schedule="constant", warmup_ratio=0.0, batch_size=a.batch, iters=1000)
     optimizer = make_optimizer(cfg, 1000)
     optimizer.init(model.trainable_parameters())
-    options = LoopOptions() if a.cpu_streams is None else LoopOptions(cpu_streams=a.cpu_streams)
+    from bench.levers import apply_function, loop_options
+
+    off = [name for name in a.off.split(",") if name]
+    options = loop_options(off)
+    if a.cpu_streams is not None:
+        options.cpu_streams = a.cpu_streams
+    reft.set_apply(apply_function(off))
     step_fn, state = make_step(reft, optimizer, cfg, world, options)
     shards = row_shards(options, world.size())  # on a CPU the rows run on streams of their own, as in train()
     rng = np.random.default_rng(world.rank())
@@ -112,7 +121,7 @@ def main() -> None:
         run(3, True)  # compile and warm up
         queued, lockstep = run(a.steps, False), run(a.steps, True)
     row = {"rank": world.rank(), "world": world.size(), "batch": a.batch, "seq": a.seq, "layers": a.layers,
-           "inputs": a.inputs, "data": a.data, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
+           "inputs": a.inputs, "data": a.data, "off": off, "graph_ops": os.environ.get("MLX_MAX_OPS_PER_BUFFER"),
            "queued_ms": {k: round(v, 2) for k, v in queued.items()}, "lockstep_ms": round(lockstep["step"], 2),
            "tokens_per_sec_per_rank": round(a.batch * a.seq / queued["step"] * 1e3)}
     print(json.dumps(row), flush=True)

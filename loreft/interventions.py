@@ -124,6 +124,36 @@ class Intervention(nn.Module):
         return orthonormalize(self.rotation) if cached is None else cached
 
 
+def _t(w: mx.array) -> mx.array:
+    """Transpose of the last two axes: of one matrix, or of each matrix in a stack (stack_interventions)."""
+    return mx.swapaxes(w, -1, -2)
+
+
+def _row(b: mx.array) -> mx.array:
+    """A bias (r,) or a stack of them (G, r) as rows that broadcast over (..., n, r) / (..., G, n, r)."""
+    return b[..., None, :]
+
+
+def stack_interventions(interventions: list[Intervention]) -> Intervention:
+    """One intervention whose parameters are these interventions' (same kind and shape) stacked on a first axis.
+
+    Called on hidden states (..., G, n, d), it edits slice g with intervention g: a layer's groups then cost one
+    set of small matmuls instead of one per group (on a GPU each small matmul costs the host ~10 us to queue,
+    4x an elementwise kernel: BENCHMARKS.md). The edit formulas are written for one matrix or a stack alike.
+    """
+    first = interventions[0]
+    stacked = type(first).__new__(type(first))  # no __init__: the parameters come from the stack below
+    Intervention.__init__(stacked, first.d, first.r, first.act_name)
+    stacked.dropout = first.dropout  # one config per layer: same rate, same train/eval mode
+    for name, value in first.parameters().items():
+        if isinstance(value, mx.array):  # not the dropout module's (empty) parameters
+            stacked[name] = mx.stack([iv[name] for iv in interventions])
+    rotations = [iv.__dict__.get("_cached_rotation") for iv in interventions]
+    if first.has_rotation and all(r is not None for r in rotations):
+        object.__setattr__(stacked, "_cached_rotation", mx.stack(rotations))
+    return stacked
+
+
 def split_keys(key: mx.array | None, n: int) -> list[mx.array]:
     """n random keys from one, as mx.random.split; taken apart on the host (indexing them is a gather kernel)."""
     return [mx.array(k) for k in np.array(mx.random.split(key if key is not None else mx.random.key(0), n))]
@@ -175,29 +205,31 @@ class LoreftIntervention(_RotationLinear):
 
     def edit(self, h):
         R = self.rotation_matrix()
-        return (self.act(h @ self.weight.T + self.bias) - h @ R) @ R.T
+        both = h @ mx.concatenate([_t(self.weight), R], axis=-1)  # W h and R h in one matmul
+        return (self.act(both[..., : self.r] + _row(self.bias)) - both[..., self.r :]) @ _t(R)
 
 
 class NoreftIntervention(_TwoLinear):
     """h + W2^T (act(W1 h + b) - (W2 h + b2)), no orthogonality."""
 
     def edit(self, h):
-        proj = h @ self.proj_weight.T + self.proj_bias
-        return (self.act(h @ self.weight.T + self.bias) - proj) @ self.proj_weight
+        both = h @ _t(mx.concatenate([self.weight, self.proj_weight], axis=-2))  # W1 h and W2 h in one matmul
+        proj = both[..., self.r :] + _row(self.proj_bias)
+        return (self.act(both[..., : self.r] + _row(self.bias)) - proj) @ self.proj_weight
 
 
 class DireftIntervention(_RotationLinear):
     """h + R^T act(W h + b), R orthonormal."""
 
     def edit(self, h):
-        return self.act(h @ self.weight.T + self.bias) @ self.rotation_matrix().T
+        return self.act(h @ _t(self.weight) + _row(self.bias)) @ _t(self.rotation_matrix())
 
 
 class NodireftIntervention(_TwoLinear):
     """h + W2^T act(W1 h + b); pyreft's W2 layer also carries a bias that the formula never uses (kept for parity)."""
 
     def edit(self, h):
-        return self.act(h @ self.weight.T + self.bias) @ self.proj_weight
+        return self.act(h @ _t(self.weight) + _row(self.bias)) @ self.proj_weight
 
 
 class ConsreftIntervention(_RotationBias):
@@ -207,14 +239,14 @@ class ConsreftIntervention(_RotationBias):
 
     def edit(self, h):
         R = self.rotation_matrix()
-        return (self.bias - h @ R) @ R.T
+        return (_row(self.bias) - h @ R) @ _t(R)
 
 
 class LobireftIntervention(_RotationBias):
     """h + R^T b, R orthonormal: a learned bias inside a low-rank subspace."""
 
     def edit(self, h):
-        return mx.broadcast_to(self.bias @ self.rotation_matrix().T, h.shape)
+        return mx.broadcast_to(_row(self.bias) @ _t(self.rotation_matrix()), h.shape)
 
 
 INTERVENTION_CLASSES = {

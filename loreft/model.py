@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ReftConfig, parse_layers
-from .interventions import Intervention, make_intervention, split_keys
+from .interventions import Intervention, make_intervention, split_keys, stack_interventions
 from .positions import Locations, group_names, prompt_locations
 
 
@@ -73,14 +73,17 @@ class ReftBlock(nn.Module):
         return (self._context.apply or apply_interventions)(h, self.interventions, locations, offset)
 
 
-def apply_interventions(h: mx.array, interventions: dict, locations: Locations, offset=0) -> mx.array:
+def apply_interventions(
+    h: mx.array, interventions: dict, locations: Locations, offset=0, stack_groups: bool = True
+) -> mx.array:
     """Edit h (B, L, d) at each group's positions (absolute, shifted by the cache offset).
 
     The edited rows are picked and written back through a (B, L, n) 0/1 selection matrix: two small
     batched matmuls, exact (one nonzero per row; unused slots select nothing), with no gather/scatter
     kernels (as fast as take_along_axis + .at[].add on a GPU and on a CPU: BENCHMARKS.md).
     All groups share one selection (their valid positions never overlap: first and last are clamped
-    apart); each group's intervention edits its own slice of the picked rows.
+    apart); each group's intervention edits its own slice of the picked rows, all groups in one stacked pass
+    when they have as many slots each (stack_groups; False: one pass per group, the benchmarks' lever).
     """
     L = h.shape[1]
     if isinstance(offset, mx.array) and offset.ndim == 1:
@@ -94,11 +97,18 @@ def apply_interventions(h: mx.array, interventions: dict, locations: Locations, 
     local = idx if isinstance(offset, int) and offset == 0 else idx - offset
     select = ((mx.arange(L)[None, :, None] == local[:, None, :]) * valid[:, None, :]).astype(h.dtype)  # (B, L, n)
     picked = mx.swapaxes(select, 1, 2) @ h  # (B, n, d): the edited rows (zeros for unused slots)
+    counts = [g[0].shape[1] for g in groups]
+    if stack_groups and len(groups) > 1 and len(set(counts)) == 1:
+        # groups of equal size: one stacked edit, (B, G, n, d) rows against (G, ...) parameters
+        rows = picked.reshape(h.shape[0], len(groups), counts[0], h.shape[-1])
+        edited = stack_interventions([interventions[n] for n in names])(rows)
+        delta = (edited.astype(mx.float32) - rows.astype(mx.float32)).astype(h.dtype).reshape(picked.shape)
+        return h + select @ delta
     deltas, start = [], 0
-    for name, (group_idx, _) in zip(names, groups):
-        rows = picked[:, start : start + group_idx.shape[1]]
+    for name, count in zip(names, counts):
+        rows = picked[:, start : start + count]
         deltas.append((interventions[name](rows).astype(mx.float32) - rows.astype(mx.float32)).astype(h.dtype))
-        start += group_idx.shape[1]
+        start += count
     delta = deltas[0] if len(deltas) == 1 else mx.concatenate(deltas, axis=1)
     return h + select @ delta
 
