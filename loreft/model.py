@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -102,14 +103,11 @@ def apply_interventions(
         # groups of equal size: one stacked edit, (B, G, n, d) rows against (G, ...) parameters
         rows = picked.reshape(h.shape[0], len(groups), counts[0], h.shape[-1])
         edited = stack_interventions([interventions[n] for n in names])(rows)
-        delta = (edited.astype(mx.float32) - rows.astype(mx.float32)).astype(h.dtype).reshape(picked.shape)
-        return h + select @ delta
-    deltas, start = [], 0
-    for name, count in zip(names, counts):
-        rows = picked[:, start : start + count]
-        deltas.append((interventions[name](rows).astype(mx.float32) - rows.astype(mx.float32)).astype(h.dtype))
-        start += count
-    delta = deltas[0] if len(deltas) == 1 else mx.concatenate(deltas, axis=1)
+    else:
+        rows, starts = picked, [0, *accumulate(counts)]
+        parts = [interventions[n](picked[:, a:b]) for n, a, b in zip(names, starts, starts[1:])]
+        edited = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+    delta = (edited.astype(mx.float32) - rows.astype(mx.float32)).astype(h.dtype).reshape(picked.shape)
     return h + select @ delta
 
 
