@@ -205,6 +205,8 @@ class LoreftIntervention(_RotationLinear):
 
     def edit(self, h):
         R = self.rotation_matrix()
+        if self.act_name == "linear":  # W h + b - R h = (W - R^T) h + b: one projection of h, nothing to split
+            return (h @ (_t(self.weight) - R) + _row(self.bias)) @ _t(R)
         both = h @ mx.concatenate([_t(self.weight), R], axis=-1)  # W h and R h in one matmul
         return (self.act(both[..., : self.r] + _row(self.bias)) - both[..., self.r :]) @ _t(R)
 
@@ -213,6 +215,8 @@ class NoreftIntervention(_TwoLinear):
     """h + W2^T (act(W1 h + b) - (W2 h + b2)), no orthogonality."""
 
     def edit(self, h):
+        if self.act_name == "linear":  # (W1 - W2) h + b - b2: one projection of h
+            return (h @ _t(self.weight - self.proj_weight) + _row(self.bias - self.proj_bias)) @ self.proj_weight
         both = h @ _t(mx.concatenate([self.weight, self.proj_weight], axis=-2))  # W1 h and W2 h in one matmul
         proj = both[..., self.r :] + _row(self.proj_bias)
         return (self.act(both[..., : self.r] + _row(self.bias)) - proj) @ self.proj_weight

@@ -249,13 +249,13 @@ def test_unstack_same_slices_and_gradient_as_indexing():
     assert not np.array(want)[[1, 2, 4]].any()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_stacked_interventions_edit_each_slice_with_its_own(kind):
+@pytest.mark.parametrize("kind,act", [(k, "linear") for k in KINDS] + [(k, "relu") for k in WITH_ACT])
+def test_stacked_interventions_edit_each_slice_with_its_own(kind, act):
     """stack_interventions: slice g of (B, G, n, d) gets intervention g's edit (float64 formula), and each
-    intervention's gradient is the one it gets alone."""
+    intervention's gradient is the one it gets alone (a linear act folds LoReFT's and NoReFT's two projections
+    into one, another act keeps them apart: both forms)."""
     from loreft.interventions import stack_interventions
 
-    act = "relu" if kind in WITH_ACT else "linear"
     ivs = [make(kind, act_fn=act, seed=s) for s in (1, 2, 3)]
     h = hidden((2, 3, 5, D), seed=4)
     out = np.array(stack_interventions(ivs)(mx.array(h)))
