@@ -181,12 +181,20 @@ class BackgroundCompile:
         try:
             self.moved = merge_modules(self.staging, self.folder, complete=ok)
             if ok:
-                self.marker.parent.mkdir(parents=True, exist_ok=True)
-                self.marker.write_text(json.dumps(self.spec))
+                record(self.folder, self.spec)
         except OSError as e:  # a full or read-only disk costs the next run its head start, never this run
             self.error = f"its kernels could not be kept: {e}"
         finally:
             _remove(self.staging)
+
+
+def record(folder: Path | None, spec: dict | None) -> None:
+    """Mark folder as holding every kernel of spec's step (a child built them, or the training process did)."""
+    if folder is None or spec is None:
+        return
+    path = marker(folder, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
 
 
 def start(folder: Path | None, spec: dict | None) -> BackgroundCompile | None:

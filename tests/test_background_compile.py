@@ -179,6 +179,22 @@ def test_training_switches_to_the_compiled_step_when_the_child_is_done(tiny_mode
     assert losses == pytest.approx(off_losses, rel=1e-4)
 
 
+def test_a_step_compiled_in_the_training_process_is_recorded_for_the_next_run(tiny_model_dir, examples, tmp_path,
+                                                                                cpu_kernel_folder, monkeypatch):
+    """LOREFT_BACKGROUND_COMPILE=0 compiles in the training process, which fills the kernel folder as a child
+    would: the next run with the same step starts no child (it would only find the kernels there, late)."""
+    monkeypatch.setenv("LOREFT_BACKGROUND_COMPILE", "0")
+    first, _ = run(tiny_model_dir, examples, tmp_path, "foreground")
+    assert first["background_compile"] is None
+    assert list((cpu_kernel_folder.parent / "kernels.steps").glob("*.json")), "no marker after an in-process compile"
+    monkeypatch.delenv("LOREFT_BACKGROUND_COMPILE")
+    started = []
+    plain_start = bc.start
+    monkeypatch.setattr(bc, "start", lambda folder, spec: started.append(plain_start(folder, spec)) or started[-1])
+    again, _ = run(tiny_model_dir, examples, tmp_path, "again")
+    assert started == [None] and again["background_compile"] is None  # the marker was found: no child
+
+
 def test_a_failing_child_is_reported_and_training_compiles_itself(tiny_model_dir, examples, tmp_path,
                                                                    cpu_kernel_folder, monkeypatch):
     wait_for_child_at_first_check(monkeypatch)
