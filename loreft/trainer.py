@@ -347,14 +347,14 @@ def train(
                       stale_checkpoints=_stale_checkpoints(adapter_dir, resume_from),
                       adapter_kw={"base_model": base_model, "extra": adapter_extra}, test_metrics_fn=test_metrics_fn)
     # a kernel folder that has not seen this step: train uncompiled while a child process builds its kernels
-    background = spec = None
-    if options.compiled:
-        spec = _background_spec(reft, cfg, options, group, base_model, optimizer_updates, train_set, pad_id)
-    if spec is not None and options.background_compile:
-        background = background_compile.start(background_compile.kernel_folder(), spec)
-    # a step compiled in this process puts all its kernels in the folder too: recorded after its first step, so
-    # that later jobs with the same step need no child
-    unrecorded = spec if spec is not None and background is None else None
+    kernels = background_compile.kernel_folder() if options.compiled else None  # None: not on a CUDA GPU
+    spec = None if kernels is None else _background_spec(
+        reft, cfg, options, group, base_model, optimizer_updates, train_set, pad_id)
+    background = background_compile.start(kernels, spec) if options.background_compile else None
+    # a step compiled in this process puts all its kernels in the folder too: recorded after its first update
+    # (unless recorded before), so that later jobs with the same step need no child
+    recorded = spec is None or background is not None or background_compile.marker(kernels, spec).is_file()
+    unrecorded = None if recorded else spec
     compiled_from = None  # with a background compile: the first step queued compiled
     queue = StepQueue(plain_step if background else step_fn, state, reft, optimizer, group=group, seed=cfg.seed,
                       accumulation=cfg.grad_accumulation_steps, total_steps=total_steps,
@@ -374,7 +374,7 @@ def train(
                     compiled_from = queue.queued[-1].step + 1 if queue.queued else step + 1
                 book.record(step, results)
                 if unrecorded is not None and queue.accumulated is None:  # an update ran: every kernel built
-                    _record_kernels(unrecorded)
+                    _record_kernels(kernels, unrecorded)
                     unrecorded = None
                 book.after_step(step + 1, mid_update=queue.accumulated is not None)
                 queue.stop_if(book.stop_requested() or book.early_stop_reason is not None)
@@ -417,10 +417,10 @@ def train(
     return summary
 
 
-def _record_kernels(spec: dict) -> None:
+def _record_kernels(folder: Path, spec: dict) -> None:
     """background_compile.record for the step this process compiled; a disk that refuses costs only a head start."""
     try:
-        background_compile.record(background_compile.kernel_folder(), spec)
+        background_compile.record(folder, spec)
     except OSError:
         pass
 
